@@ -1,0 +1,297 @@
+"""python -m mi_tune.train RECIPE [key=value ...] [--dry-run]
+
+Trains LoRA/QLoRA adapters on blocks 0..L-2 (the final block stays frozen) plus a linear
+bag-of-tokens head, to maximise how much of its input the pooled sentence embedding keeps.
+Re-running the same command after an interruption resumes from the newest complete checkpoint.
+Reads top to bottom: recipe -> run folder -> tracking -> model -> data -> trainer -> save ->
+held-out check -> log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import Recipe, dump_recipe, flatten, load_recipe
+from .errors import UserError, cli_main
+from .modeling import log
+
+# TrainingArguments defaults of ours; any of them can be set in the recipe's `training:` block.
+TRAINING_DEFAULTS = dict(
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=16,
+    learning_rate=2e-4,
+    lr_scheduler_type="cosine",
+    warmup_steps=10,
+    logging_steps=10,
+    eval_strategy="steps",
+    eval_steps=50,
+    save_strategy="steps",
+    save_steps=50,
+    save_total_limit=2,
+    train_sampling_strategy="group_by_length",  # fewer pad tokens per batch
+    dataloader_num_workers=0,
+    max_grad_norm=1.0,
+)
+RECIPE_FILE, INFO_FILE, METRICS_FILE, TRACKING_FILE = "recipe.yaml", "run_info.json", "metrics.json", "tracking_run.json"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(recipe: Recipe) -> bool:
+    """Create the run folder, or decide to resume. Never overwrites a user's run silently.
+
+    Returns True when the folder holds an unfinished run of the same recipe (resume).
+    """
+    run_dir = recipe.run_dir
+    if not run_dir.exists():
+        run_dir.mkdir(parents=True)
+        return False
+    saved = run_dir / RECIPE_FILE
+    finished = (run_dir / METRICS_FILE).exists()
+    if recipe.overwrite and (finished or not saved.exists() or _recipe_diff(recipe, saved)):
+        moved = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(moved)
+        log(f"overwrite=true: the previous run folder was moved to {moved} (delete it yourself when sure)")
+        run_dir.mkdir(parents=True)
+        return False
+    if finished:
+        raise UserError(f"run_name: {recipe.run_name!r} already holds a finished run in {run_dir}. Allowed: a new run name, or "
+                        f"overwrite=true (the old folder is moved aside, not deleted). Fix: python -m mi_tune.train RECIPE "
+                        f"run_name={recipe.run_name}-2")
+    if not saved.exists():
+        if any(run_dir.iterdir()):
+            raise UserError(f"run_name: {run_dir} exists and is not an mi_tune run folder (no {RECIPE_FILE}). Allowed: an empty or "
+                            f"new folder. Fix: choose another run_name or output_root, or overwrite=true to move it aside.")
+        return False
+    diff = _recipe_diff(recipe, saved)
+    if diff:
+        raise UserError(f"run_name: {run_dir} holds an unfinished run of a different recipe (differs in: {', '.join(diff[:8])}). "
+                        f"Allowed: resume with the same recipe, or start a new run. Fix: use another run_name, or "
+                        f"overwrite=true to move the unfinished run aside.")
+    return True
+
+
+def _recipe_diff(recipe: Recipe, saved_path: Path) -> list[str]:
+    import yaml
+
+    old = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    new = flatten(recipe.to_dict())
+    ignore = {"overwrite"}
+    return sorted(k for k in set(old) | set(new) if k not in ignore and not k.startswith("tracking.") and old.get(k) != new.get(k))
+
+
+def training_arguments(recipe: Recipe, dtype, output_dir: Path):
+    import torch
+    from transformers import TrainingArguments
+
+    values = {**TRAINING_DEFAULTS, "seed": recipe.seed, "dataloader_pin_memory": torch.cuda.is_available(), "bf16": dtype == torch.bfloat16 and torch.cuda.is_available(),
+              "fp16": False, **recipe.training}
+    values.pop("gradient_checkpointing", None)  # applied to the base model in modeling.add_adapters
+    values.pop("gradient_checkpointing_kwargs", None)
+    if values.get("eval_strategy") == "no" and values.get("load_best_model_at_end"):
+        values["load_best_model_at_end"] = False
+    if values.get("load_best_model_at_end"):
+        values.setdefault("metric_for_best_model", "eval_recoverability_acc")
+        values.setdefault("greater_is_better", True)
+    try:
+        return TrainingArguments(output_dir=str(output_dir), report_to="none", remove_unused_columns=False,
+                                 prediction_loss_only=True, label_names=[], **values)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"training: transformers.TrainingArguments rejected the recipe's values: {str(exc).strip().splitlines()[0]} "
+                        f"Fix the named field in the `training:` block.") from None
+
+
+def dry_run(recipe: Recipe) -> None:
+    from .modeling import adapter_plan
+
+    print("# resolved recipe")
+    print(dump_recipe(recipe))
+    plan = adapter_plan(recipe.model, recipe.lora)
+    n, final = plan["num_blocks"], plan["final_block"]
+    print(f"# model: {recipe.model.source} ({plan['model_type']}, {plan['kind']}), {n} blocks")
+    print(f"# blocks with adapters: {len(plan['blocks_with_adapters'])} of {n} "
+          f"({plan['blocks_with_adapters'][0]}..{plan['blocks_with_adapters'][-1]})")
+    print(f"# final block {final}: {'HAS adapters' if plan['final_block_has_adapters'] else 'no adapters (frozen)'}")
+    print(f"# {len(plan['modules'])} modules receive adapters:")
+    for name in plan["modules"]:
+        print(f"  {name}")
+
+
+def heldout_check(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_ids) -> dict:
+    """Base vs enhanced, measured the same way: a fresh linear decoder on frozen features of each."""
+    import torch
+
+    from .decoders import bags_from_ids, evaluate_scores, fit_bce, fit_ridge
+    from .embedding import embed_token_ids, tokenize
+
+    s = recipe.check
+    train_texts = corpus.train[: s.train_sentences]
+    eval_texts = corpus.eval[-s.eval_sentences:]
+    seq_tr = tokenize(tokenizer, train_texts, recipe.data.max_length)
+    seq_ev = tokenize(tokenizer, eval_texts, recipe.data.max_length)
+    V = head_cfg.vocab_size
+    y_tr, y_ev = bags_from_ids(seq_tr, V, exclude_ids), bags_from_ids(seq_ev, V, exclude_ids)
+    results = {}
+    for name in ("base", "enhanced"):
+        ctx = model.disable_adapter() if name == "base" else _nullcontext()
+        with ctx:
+            f_tr = embed_token_ids(model, seq_tr, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"features ({name}, train)")
+            f_ev = embed_token_ids(model, seq_ev, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"features ({name}, held-out)")
+        X_tr, X_ev = torch.from_numpy(f_tr).transpose(0, 1), torch.from_numpy(f_ev).transpose(0, 1)  # (1, N, D)
+        dec = fit_ridge(X_tr, y_tr, s.ridge_lambda) if s.decoder == "ridge" else fit_bce(X_tr, y_tr)
+        results[name] = evaluate_scores(dec.scores(X_ev[0], 0), y_ev, V, linear=s.decoder == "ridge")
+    results["setup"] = {"decoder": s.decoder, "train_sentences": len(train_texts), "heldout_sentences": len(eval_texts),
+                        "layer": head_cfg.layer, "pooling": head_cfg.pooling, "vocab_size": V}
+    return results
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def print_check(check: dict) -> None:
+    s = check["setup"]
+    print(f"\nheld-out recoverability of the embedding (layer {s['layer']}, {s['pooling']} pooling): fresh {s['decoder']} decoder "
+          f"fitted on {s['train_sentences']} training sentences of frozen features, evaluated on {s['heldout_sentences']} held-out sentences")
+    print(f"  {'model':<10} {'accuracy':>9} {'cosine':>8} {'MI lower bound (bits, uniform H(T))':>36}")
+    for name in ("base", "enhanced"):
+        r = check[name]
+        print(f"  {name:<10} {r['recoverability_acc']:>9.4f} {r['cosine']:>8.4f} {r['mi_lb_bits']:>36.3f}")
+    delta = check["enhanced"]["recoverability_acc"] - check["base"]["recoverability_acc"]
+    print(f"  change     {delta:>+9.4f}")
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mi_tune.train", description=__doc__.split("\n\n")[1])
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/smollm2-135m-cpu.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.max_steps=20 (win over the file)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the adapter plan; load no weights")
+    a = p.parse_args(argv)
+
+    # ---- recipe ----
+    recipe = load_recipe(a.recipe, a.overrides)
+    if a.dry_run:
+        dry_run(recipe)
+        return
+
+    import torch
+    from transformers import set_seed
+
+    from . import __version__
+    from .data import PadCollator, load_corpus, tokenize_corpus
+    from .head import RecoverabilityHead
+    from .modeling import add_adapters, check_layer, default_pooling, load_model
+    from .tracking import git_commit, start_tracking
+    from .trainer import RecoverabilityModel, RecoverabilityTrainer, TrackingCallback, incomplete_checkpoints, newest_complete_checkpoint
+
+    # ---- run folder ----
+    resuming = prepare_run_dir(recipe)
+    run_dir, ckpt_dir = recipe.run_dir, recipe.run_dir / "checkpoints"
+    atomic_write(run_dir / RECIPE_FILE, dump_recipe(recipe))
+
+    # ---- tracking (before the model, so an unreachable server fails fast) ----
+    prev = json.loads((run_dir / TRACKING_FILE).read_text()) if resuming and (run_dir / TRACKING_FILE).exists() else {}
+    tags = {"mi_tune.base_model": recipe.model.source, "mi_tune.method": "lora-recoverability" if recipe.objective.recoverability_weight > 0 else "lora-lm-control",
+            "mi_tune.version": __version__, "mi_tune.git_commit": git_commit(), "mi_tune.run_dir": str(run_dir.resolve())}
+    tracker = start_tracking(recipe.tracking, recipe.run_name, run_dir, tags, prev.get("run_id"))
+    if tracker.run_id:
+        atomic_write(run_dir / TRACKING_FILE, json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.uri}))
+    status = "FAILED"
+    try:
+        # ---- model ----
+        set_seed(recipe.seed)
+        gc = bool(recipe.training.get("gradient_checkpointing", False))
+        loaded = load_model(recipe.model, for_training=True)
+        layer = check_layer(recipe.objective.layer, loaded.num_hidden_states, recipe.model.source)
+        pooling = default_pooling(loaded.kind) if recipe.objective.pooling == "auto" else recipe.objective.pooling
+        peft_model = add_adapters(loaded, recipe.lora, gradient_checkpointing=gc)
+        head = RecoverabilityHead.from_model(loaded, layer, pooling, recipe.head.init)
+        tok = loaded.tokenizer
+        exclude = set(tok.all_special_ids) | {tok.pad_token_id}
+        model = RecoverabilityModel(peft_model, head, list(exclude), recipe.objective.recoverability_weight,
+                                    recipe.objective.lm_weight, recipe.objective.positive_weight)
+        if recipe.objective.lm_weight > 0 and loaded.kind != "decoder":
+            raise UserError(f"objective.lm_weight: got {recipe.objective.lm_weight} for an encoder ({recipe.model.source}); allowed: 0 "
+                            f"for encoders (no next-token head). Fix: set objective.lm_weight: 0.")
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"objective: layer {layer} of {loaded.num_hidden_states - 1} ({pooling} pooling), head {head.config.hidden_size}x{head.config.vocab_size}; "
+            f"{n_train:,} trainable parameters; adapters on blocks 0..{loaded.num_blocks - 2}, final block {loaded.num_blocks - 1} frozen")
+
+        # ---- data ----
+        corpus = load_corpus(recipe.data)
+        train_ds = tokenize_corpus(tok, corpus.train, recipe.data.max_length, corpus.stats, "train")
+        eval_cap = recipe.data.max_eval_samples or len(corpus.eval)
+        eval_ds = tokenize_corpus(tok, corpus.eval[:eval_cap], recipe.data.max_length, corpus.stats, "eval")
+
+        # ---- trainer ----
+        args = training_arguments(recipe, loaded.dtype, ckpt_dir)
+        trainer = RecoverabilityTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                        data_collator=PadCollator(tok.pad_token_id), callbacks=[TrackingCallback(tracker)],
+                                        head_learning_rate=recipe.head.learning_rate, head_weight_decay=recipe.head.weight_decay)
+        resume = newest_complete_checkpoint(ckpt_dir) if resuming else None
+        for stale in incomplete_checkpoints(ckpt_dir):
+            if resume is None or int(stale.name.split("-")[-1]) > int(resume.name.split("-")[-1]):
+                log(f"ignoring incomplete checkpoint {stale} (interrupted during its save); removing it")
+                import shutil
+
+                shutil.rmtree(stale)
+        info = {"layer": layer, "pooling": pooling, "kind": loaded.kind, "num_blocks": loaded.num_blocks,
+                "dtype": str(loaded.dtype).replace("torch.", ""), "trainable_parameters": n_train,
+                "data": corpus.stats, "resumed_from": str(resume) if resume else None}
+        atomic_write(run_dir / INFO_FILE, json.dumps(info, indent=2))
+        if not resuming:
+            tracker.log_params({**flatten(recipe.to_dict()), **{f"resolved.{k}": v for k, v in info.items() if k != "data"}})
+        tracker.log_artifact(run_dir / RECIPE_FILE)
+        if resume:
+            log(f"resuming from {resume}")
+        train_out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+        # ---- save ----
+        trainer.save_model(str(run_dir))  # adapter_config.json, adapter_model.safetensors, head/
+        final = {"train": {k: v for k, v in train_out.metrics.items()}}
+        if args.eval_strategy != "no":
+            final["eval"] = trainer.evaluate()
+
+        # ---- held-out check: base vs enhanced, fresh decoders on frozen features ----
+        if recipe.check.enabled:
+            final["heldout_check"] = heldout_check(peft_model, tok, corpus, recipe, head.config, exclude)
+            print_check(final["heldout_check"])
+            flat = {f"heldout_{m}_{k}": v for m in ("base", "enhanced") for k, v in final["heldout_check"][m].items()}
+            tracker.log_metrics(flat, step=trainer.state.global_step)
+        atomic_write(run_dir / METRICS_FILE, json.dumps(final, indent=2, default=float))
+
+        # ---- log ----
+        _log_run_folder(tracker, run_dir)
+        status = "FINISHED"
+        print(f"\nrun folder: {run_dir}  (load with PeftModel.from_pretrained(base, {str(run_dir)!r}))")
+    finally:
+        tracker.end(status)
+
+
+def _log_run_folder(tracker, run_dir: Path) -> None:
+    """Log the run folder (adapter, head, recipe, metrics) as artifacts; checkpoints stay local."""
+    for item in sorted(run_dir.iterdir()):
+        if item.name in ("checkpoints",) or item.name.endswith(".tmp"):
+            continue
+        if item.is_dir():
+            tracker.log_artifacts(item, f"adapter/{item.name}")
+        else:
+            tracker.log_artifact(item, "adapter")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

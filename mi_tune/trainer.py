@@ -1,0 +1,202 @@
+"""RecoverabilityTrainer: a transformers.Trainer with small overrides.
+
+- ``RecoverabilityModel`` bundles the PEFT model and the head; its forward is the objective.
+- ``compute_loss`` records recoverability accuracy and the Fano bound per mode; ``log`` averages them.
+- ``create_optimizer`` gives the head its own learning rate.
+- ``_save`` / ``_load_from_checkpoint`` / ``_load_best_model`` write and read the standard PEFT
+  adapter files plus ``head/`` (safetensors only), never the frozen base weights.
+- ``_save_checkpoint`` marks a checkpoint complete only after every file is written, and rotates
+  old checkpoints only after that, so a kill during a save never leaves a half checkpoint that
+  resume would pick up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from .embedding import hidden_states
+from .head import HEAD_DIR, RecoverabilityHead
+from .losses import bag_of_tokens, next_token_loss, recoverability_loss
+from .metrics import fano_mi_lower_bound_bits, recoverability_accuracy
+from .pooling import pool
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+class RecoverabilityModel(nn.Module):
+    """PEFT model + linear head; forward computes the recoverability (and optional LM) loss."""
+
+    def __init__(self, peft_model, head: RecoverabilityHead, exclude_ids: list[int], recoverability_weight: float = 1.0,
+                 lm_weight: float = 0.0, positive_weight: float = 1.0):
+        super().__init__()
+        self.peft = peft_model
+        self.head = head
+        self.register_buffer("exclude_ids", torch.tensor(sorted(set(exclude_ids)), dtype=torch.long), persistent=False)
+        self.recoverability_weight = recoverability_weight
+        self.lm_weight = lm_weight
+        self.positive_weight = positive_weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> dict:
+        cfg = self.head.config
+        if self.lm_weight > 0:
+            # The control needs next-token logits: run the full causal LM once.
+            out = self.peft(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+            hs, lm = out.hidden_states, next_token_loss(out.logits, input_ids, attention_mask)
+        else:
+            hs, lm = hidden_states(self.peft, input_ids, attention_mask), None  # backbone only: no (B, T, V) logits
+        emb = pool(hs[cfg.layer], attention_mask, cfg.pooling)  # (B, D)
+        if self.recoverability_weight == 0:
+            emb = emb.detach()  # LM-only control: the head still learns (for reporting) but sends no gradient back
+        logits = self.head(emb)  # (B, V)
+        targets = bag_of_tokens(input_ids, attention_mask, cfg.vocab_size, self.exclude_ids)  # (B, V)
+        rec = recoverability_loss(logits, targets, self.positive_weight)
+        loss = (self.recoverability_weight or 1.0) * rec
+        if lm is not None:
+            loss = loss + self.lm_weight * lm
+        return {"loss": loss, "rec_loss": rec.detach(), "lm_loss": None if lm is None else lm.detach(),
+                "logits": logits.detach(), "targets": targets}
+
+
+class RecoverabilityTrainer(Trainer):
+    def __init__(self, *args, head_learning_rate: float = 1e-3, head_weight_decay: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_learning_rate = head_learning_rate
+        self.head_weight_decay = head_weight_decay
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ---- objective and metrics ----
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(**inputs)
+        mode = "train" if model.training else "eval"
+        with torch.no_grad():
+            acc = recoverability_accuracy(out["logits"], out["targets"])
+            acc = acc[~torch.isnan(acc)]
+            values = {"recoverability_acc": acc.mean() if acc.numel() else torch.tensor(0.0, device=acc.device),
+                      "rec_loss": out["rec_loss"]}
+            if out["lm_loss"] is not None:
+                values["lm_loss"] = out["lm_loss"]
+            for name, value in values.items():
+                self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.reshape(1)).float().mean().item())
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Our batches carry no labels: the bag is built from input_ids inside the loss.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        vocab = self.model.head.config.vocab_size
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if "recoverability_acc" in metrics:
+            metrics["mi_lb_bits"] = fano_mi_lower_bound_bits(metrics["recoverability_acc"], vocab)
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + k: v for k, v in metrics.items()})  # same dict evaluate() returns: best-model picks it up
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    # ---- optimizer: the head gets its own learning rate ----
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        body = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+        groups = [
+            {"params": [p for n, p in body if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in body if n not in decay], "weight_decay": 0.0},
+            {"params": [p for n, p in opt_model.named_parameters() if n.startswith("head.") and p.requires_grad],
+             "lr": self.head_learning_rate, "weight_decay": self.head_weight_decay},
+        ]
+        groups = [g for g in groups if g["params"]]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- files: adapter (standard PEFT) + head, never the frozen base ----
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        model.peft.save_pretrained(output_dir, safe_serialization=True)
+        model.head.save(Path(output_dir) / HEAD_DIR)
+
+    def _load_weights(self, folder: str) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        model = self.accelerator.unwrap_model(self.model)
+        adapter = Path(folder) / "adapter_model.safetensors"
+        result = set_peft_model_state_dict(model.peft, load_file(str(adapter), device=str(model.head.decoder.weight.device)))
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"checkpoint {folder} has unexpected adapter keys: {result.unexpected_keys[:3]}")
+        head = RecoverabilityHead.from_pretrained(Path(folder) / HEAD_DIR, device=model.head.decoder.weight.device)
+        model.head.load_state_dict(head.state_dict())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self._load_weights(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_weights(self.state.best_model_checkpoint)
+
+    # ---- checkpoints: complete marker written last; rotation only after it ----
+    def _save_checkpoint(self, model, trial) -> None:
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if not self.args.should_save:
+            return
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        tmp = folder / (COMPLETE_MARKER + ".tmp")
+        tmp.write_text(f'{{"global_step": {self.state.global_step}}}\n')
+        os.replace(tmp, folder / COMPLETE_MARKER)  # atomic: the checkpoint counts only once this exists
+        if limit:
+            complete = sorted(complete_checkpoints(self.args.output_dir), key=lambda p: int(p.name.split("-")[-1]))
+            keep = {str(p) for p in complete[-limit:]}
+            if self.state.best_model_checkpoint:
+                keep.add(str(Path(self.state.best_model_checkpoint)))
+            for p in complete:
+                if str(p) not in keep:
+                    shutil.rmtree(p, ignore_errors=True)
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return [p for p in root.glob("checkpoint-*") if p.is_dir() and (p / COMPLETE_MARKER).exists()]
+
+
+def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    found = sorted(complete_checkpoints(output_dir), key=lambda p: int(p.name.split("-")[-1]))
+    return found[-1] if found else None
+
+
+def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return [p for p in root.glob("checkpoint-*") if p.is_dir() and not (p / COMPLETE_MARKER).exists()]
+
+
+class TrackingCallback(TrainerCallback):
+    """Sends every Trainer log to the tracker (MLflow or no-op), from the main process only."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.tracker.log_metrics({k: v for k, v in logs.items() if k != "total_flos"}, step=state.global_step)
