@@ -1,0 +1,69 @@
+"""On-disk cache of embeddings/features, keyed by everything that determines them.
+
+Key parts: model source (+revision), adapter (path + content hash of adapter_model.safetensors, or Hub id
++ revision), data identity (source + content hash of the exact texts), layers, pooling, max length.
+Files are .npy under ``$MI_TUNE_CACHE/features`` written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..sources import cache_dir
+
+
+def texts_hash(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def file_hash(path: str | Path) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def adapter_identity(adapter: str | None) -> dict | None:
+    if adapter is None:
+        return None
+    p = Path(adapter)
+    if p.exists():
+        return {"path": str(p.resolve()), "sha": file_hash(p / "adapter_model.safetensors")}
+    return {"hub": adapter}
+
+
+def cache_key(**parts) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def cached_array(key_parts: dict, compute: Callable[[], np.ndarray], enabled: bool = True, folder: Path | None = None) -> tuple[np.ndarray, bool]:
+    """Return (array, hit). Computes and stores on a miss."""
+    if not enabled:
+        return compute(), False
+    root = folder or (cache_dir() / "features")
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{cache_key(**key_parts)}.npy"
+    if path.exists():
+        return np.load(path, allow_pickle=False), True
+    arr = compute()
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+    os.replace(tmp, path)
+    (root / f"{path.stem}.json").write_text(json.dumps(key_parts, sort_keys=True, default=str, indent=1))
+    return arr, False
