@@ -102,6 +102,14 @@ class TrackingSettings:
 
 
 @dataclass
+class HubSettings:
+    push: bool = False  # push the run folder to the Hub at the end of training (python -m mi_tune.push does it later)
+    repo_id: Optional[str] = None  # e.g. your-name/smollm2-135m-recoverability
+    private: bool = True
+    license: Optional[str] = None  # model card license; null: the base model's, when known
+
+
+@dataclass
 class Recipe:
     run_name: str = "run"
     output_root: str = "adapters"  # the run folder is <output_root>/<run_name>
@@ -114,6 +122,7 @@ class Recipe:
     head: HeadSettings = field(default_factory=HeadSettings)
     check: CheckSettings = field(default_factory=CheckSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    hub: HubSettings = field(default_factory=HubSettings)
     training: dict = field(default_factory=dict)  # any transformers.TrainingArguments field
 
     @property
@@ -286,8 +295,8 @@ def _range_checks(r: Recipe, errors: list[str]) -> None:
     need(r.check.train_sentences > 0 and r.check.eval_sentences > 0, "check.train_sentences/eval_sentences",
          (r.check.train_sentences, r.check.eval_sentences), "integers > 0", "use e.g. 1000 and 300")
     need(r.check.ridge_lambda > 0, "check.ridge_lambda", r.check.ridge_lambda, "a number > 0", "use 1.0")
-    if r.model.quantization != "none" and r.model.source.endswith(".gguf"):
-        pass  # allowed: GGUF weights are de-quantized on load, then bitsandbytes quantizes them
+    need(not r.hub.push or bool(r.hub.repo_id), "hub.repo_id", r.hub.repo_id, "a Hub repo id (owner/name) when hub.push is true",
+         "set hub.repo_id: your-name/run-name, or hub.push: false")
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -141,6 +141,17 @@ class MlflowTracker(NullTracker):
         return self.run_id
 
 
+def log_run_outputs(tracker, run_dir: Path, recipe) -> None:
+    """Log the run folder (adapter, head, recipe, metrics) as artifacts; checkpoints stay local."""
+    for item in sorted(Path(run_dir).iterdir()):
+        if item.name in ("checkpoints",) or item.name.endswith(".tmp"):
+            continue
+        if item.is_dir():
+            tracker.log_artifacts(item, f"adapter/{item.name}")
+        else:
+            tracker.log_artifact(item, "adapter")
+
+
 def check_reachable(uri: str) -> None:
     """Raise UserError if an http(s) tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):

@@ -274,23 +274,18 @@ def main(argv: list[str] | None = None) -> None:
             tracker.log_metrics(flat, step=trainer.state.global_step)
         atomic_write(run_dir / METRICS_FILE, json.dumps(final, indent=2, default=float))
 
-        # ---- log ----
-        _log_run_folder(tracker, run_dir)
+        # ---- log (and share) ----
+        from .tracking import log_run_outputs
+
+        log_run_outputs(tracker, run_dir, recipe)
+        if recipe.hub.push:
+            from .hub import push_run
+
+            push_run(run_dir, recipe.hub.repo_id, private=recipe.hub.private)
         status = "FINISHED"
         print(f"\nrun folder: {run_dir}  (load with PeftModel.from_pretrained(base, {str(run_dir)!r}))")
     finally:
         tracker.end(status)
-
-
-def _log_run_folder(tracker, run_dir: Path) -> None:
-    """Log the run folder (adapter, head, recipe, metrics) as artifacts; checkpoints stay local."""
-    for item in sorted(run_dir.iterdir()):
-        if item.name in ("checkpoints",) or item.name.endswith(".tmp"):
-            continue
-        if item.is_dir():
-            tracker.log_artifacts(item, f"adapter/{item.name}")
-        else:
-            tracker.log_artifact(item, "adapter")
 
 
 if __name__ == "__main__":
