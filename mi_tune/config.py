@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import types
 import typing
@@ -64,6 +65,7 @@ class ObjectiveConfig:
     recoverability_weight: float = 1.0  # weight of the bag-of-tokens BCE
     lm_weight: float = 0.0  # weight of next-token loss; >0 with recoverability_weight 0 is the LM-only control
     positive_weight: float = 1.0  # BCE weight of the (rare) positive tokens; >1 up-weights the bag
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"  # NaN/Inf loss: stop naming the step, or skip the batch (counted)
 
 
 @dataclass
@@ -226,6 +228,7 @@ def _build(cls, data, prefix: str, errors: list[str]):
     return cls(**kwargs)
 
 
+@functools.lru_cache(maxsize=1)
 def _training_arg_fields() -> dict[str, dataclasses.Field]:
     from transformers import TrainingArguments
 
@@ -236,15 +239,19 @@ def _training_arg_fields() -> dict[str, dataclasses.Field]:
 MANAGED_TRAINING_FIELDS = {"output_dir", "remove_unused_columns", "label_names", "report_to"}
 
 
-def _validate_training(training: dict, errors: list[str]) -> None:
-    fields = _training_arg_fields()
-    hints = {}
+@functools.lru_cache(maxsize=1)
+def _training_arg_hints() -> dict:
     try:
         from transformers import TrainingArguments
 
-        hints = typing.get_type_hints(TrainingArguments)
+        return typing.get_type_hints(TrainingArguments)
     except Exception:  # some hints reference optional packages; fall back to no type checks
-        pass
+        return {}
+
+
+def _validate_training(training: dict, errors: list[str]) -> None:
+    fields = _training_arg_fields()
+    hints = _training_arg_hints()
     for key, value in training.items():
         path = f"training.{key}"
         if key in MANAGED_TRAINING_FIELDS:

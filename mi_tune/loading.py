@@ -1,10 +1,20 @@
 """One call to get a model ready for probing / evaluation: base model, optional adapter (run folder
 or Hub id), optional head. Training, probing and evaluation share this and ``embedding.py``.
+
+    ready = load_ready(adapter="adapters/my-run")          # a local run folder
+    ready = load_ready(adapter="you/my-adapter")           # a Hub repo pushed with python -m mi_tune.push
+    ready = load_ready(adapter="you/my-adapter@v1")        # ... at a branch, tag or commit
+    ready = load_ready("path/or/id/of/base", adapter=...)  # name the base model yourself
+
+The base model comes from the adapter's recipe.yaml unless given; a Hub repo is fetched into the usual
+Hugging Face cache (safetensors/JSON/YAML/Markdown/PNG only) and loads offline once cached.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +22,7 @@ from .config import ModelConfig
 from .errors import UserError
 from .head import HEAD_DIR, RecoverabilityHead
 from .modeling import LoadedModel, default_pooling, load_model, log
+from .tracking import redact
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -38,19 +49,102 @@ class ReadyModel:
         return self.loaded.num_blocks, default_pooling(self.loaded.kind)
 
 
+# What a Hub adapter repo must give us: adapter + head weights and configs, the recipe, the card, results.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.yaml", "*.md", "*.png"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def split_hub_ref(adapter: str, revision: str | None = None) -> tuple[str, str | None]:
+    """``owner/name@rev`` -> (``owner/name``, ``rev``); an explicit ``revision`` wins."""
+    if "@" in adapter:
+        repo, _, rev = adapter.partition("@")
+        return repo, revision or rev or None
+    return adapter, revision
+
+
 def resolve_adapter(adapter: str, revision: str | None = None) -> Path:
-    """A local run folder, or a Hub id fetched with ``snapshot_download`` (safetensors and JSON only)."""
+    """A local run folder, or a Hub id (``owner/name`` or ``owner/name@revision``) fetched with ``snapshot_download``.
+
+    Hub downloads take safetensors, JSON, YAML, Markdown and PNG files only (never pickles), go to the usual
+    Hugging Face cache (``HF_HUB_CACHE``), and work offline (``HF_HUB_OFFLINE=1``) once cached.
+    """
     p = Path(adapter).expanduser()
     if p.exists():
+        if not p.is_dir():
+            raise UserError(f"adapter: {adapter!r} is a file. Allowed: a run folder (adapters/<run>) or a Hub id (owner/name). "
+                            f"Fix: point at the folder that holds adapter_config.json.")
         return p
+    repo_id, rev = split_hub_ref(adapter, revision)
+    if not HUB_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
+        raise UserError(f"adapter: {adapter!r} is not an existing folder and not a Hub id. Allowed: a run folder "
+                        f"(adapters/<run>) or a Hub id owner/name[@revision]. Fix: check the path for typos (ls adapters/).")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
+    where = f"{repo_id}" + (f" (revision {rev})" if rev else "")
+    hint = (f" (no folder named {adapter!r} exists here either)" if "/" in adapter else "")
     try:
-        return Path(snapshot_download(adapter, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.yaml", "*.md", "*.png"]))
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"adapter: {adapter!r} is neither a local folder nor a reachable Hub repo ({first}). Allowed: a run folder "
-                        f"(adapters/<run>) or a Hub id. Fix: check the path, the repo id, or your network and HF_TOKEN.") from None
+        folder = Path(snapshot_download(repo_id, revision=rev, allow_patterns=HUB_ALLOW_PATTERNS))
+    except RevisionNotFoundError:
+        raise UserError(f"adapter: the Hub repo {repo_id!r} has no revision {rev!r}. Allowed: a branch, tag or commit of that "
+                        f"repo. Fix: drop @{rev} to use main, or check the revision name.") from None
+    except (RepositoryNotFoundError, GatedRepoError):
+        raise UserError(f"adapter: {where} was not found on the Hub, or it is private and no token with access was sent"
+                        f"{hint}. Allowed: a run folder, or a Hub repo you can read. Fix: check the id; for a private repo "
+                        f"run hf auth login or set HF_TOKEN.") from None
+    except LocalEntryNotFoundError as exc:
+        why = ("HF_HUB_OFFLINE is set" if "offline" in str(exc).lower() or "HF_HUB_OFFLINE" in str(exc)
+               else "the Hub could not be reached")
+        raise UserError(f"adapter: {where} is not in the local Hugging Face cache ({_hub_cache()}) and {why}{hint}. Allowed: "
+                        f"a run folder, or a Hub id that is cached or reachable. Fix: run once with network access (unset "
+                        f"HF_HUB_OFFLINE), point HF_HUB_CACHE at the cache that holds it, or pass the local run folder.") from None
+    except (HfHubHTTPError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"adapter: could not fetch {where} from the Hub ({type(exc).__name__}: {redact(first)}){hint}. Allowed: "
+                        f"a run folder, or a reachable Hub repo. Fix: check your network and HF_TOKEN, then run again.") from None
+    if not (folder / "adapter_config.json").exists():
+        raise UserError(f"adapter: the Hub repo {where} has no adapter_config.json. Allowed: a PEFT adapter repo (for "
+                        f"example one pushed with python -m mi_tune.push). Fix: check the repo id.")
+    log(f"adapter: {where} from the Hub (cached at {folder})")
+    return folder
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def base_model_config(recipe: dict | None, folder: Path | None) -> ModelConfig:
+    """The base model an adapter was trained on: the run's recipe, or (when that names a local path that does not
+    exist on this machine) the Hub id in the adapter's model card metadata."""
+    from huggingface_hub import ModelCard
+
+    from .sources import PYPI_PREFIX
+
+    if recipe is None or not recipe.get("model", {}).get("source"):
+        raise UserError("model: no model given. Allowed: --model SOURCE, or an adapter run folder (or Hub repo pushed by "
+                        "mi_tune) whose recipe.yaml names it. Fix: pass --model.")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = {k: v for k, v in recipe["model"].items() if k in fields}
+    source = model["source"]
+    portable = source.startswith(PYPI_PREFIX) or HUB_ID.match(source) or Path(source).expanduser().exists()
+    if not portable:
+        card = folder / "README.md" if folder is not None else None
+        base = None
+        if card is not None and card.exists():
+            try:
+                base = ModelCard(card.read_text(), ignore_metadata_errors=True).data.base_model
+            except Exception:  # a card we cannot parse gives no hint; the error below says what to do
+                base = None
+        if not isinstance(base, str):
+            raise UserError(f"model: the adapter was trained on {source!r}, a local path that does not exist here, and its card "
+                            f"names no Hub base model. Allowed: --model SOURCE (the same base model, e.g. a local copy or its "
+                            f"Hub id). Fix: pass --model, or load_ready('path/to/base', adapter=...).")
+        log(f"model: {source!r} (the run's local base) is not here; using the card's base_model {base!r}")
+        model["source"] = base
+    return ModelConfig(**model)
 
 
 def check_safe_files(folder: Path, allow_pickle: bool = False) -> None:
@@ -68,7 +162,8 @@ def check_safe_files(folder: Path, allow_pickle: bool = False) -> None:
 
 def load_ready(model_cfg: ModelConfig | str | None = None, adapter: str | None = None, allow_pickle: bool = False,
                adapter_revision: str | None = None) -> ReadyModel:
-    """Base model (+ adapter, + head). If only an adapter run folder is given, its recipe names the base model."""
+    """Base model (+ adapter, + head), in eval mode. ``adapter``: a run folder or a Hub id (``owner/name[@revision]``).
+    Without ``model_cfg`` the adapter's recipe names the base model (see ``base_model_config``)."""
     from peft import PeftModel
 
     folder = resolve_adapter(adapter, adapter_revision) if adapter else None
@@ -78,12 +173,10 @@ def load_ready(model_cfg: ModelConfig | str | None = None, adapter: str | None =
 
         recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
     if model_cfg is None:
-        if recipe is None:
-            raise UserError("model: no model given. Allowed: --model SOURCE, or an adapter run folder whose recipe.yaml names it. "
-                            "Fix: pass --model.")
-        model_cfg = ModelConfig(**recipe["model"])
+        model_cfg = base_model_config(recipe, folder)
     elif isinstance(model_cfg, str):
-        base = dict(recipe["model"]) if recipe else {}
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        base = {k: v for k, v in recipe["model"].items() if k in fields} if recipe else {}
         base["source"] = model_cfg
         model_cfg = ModelConfig(**base)
     loaded = load_model(model_cfg)

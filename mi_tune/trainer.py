@@ -22,12 +22,21 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .embedding import hidden_states
+from .errors import UserError
 from .head import HEAD_DIR, RecoverabilityHead
 from .losses import bag_of_tokens, next_token_loss, recoverability_loss
 from .metrics import fano_mi_lower_bound_bits, recoverability_accuracy
 from .pooling import pool
 
 COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+class CheckpointSaveError(UserError):
+    pass
 
 
 class RecoverabilityModel(nn.Module):
@@ -65,16 +74,21 @@ class RecoverabilityModel(nn.Module):
 
 
 class RecoverabilityTrainer(Trainer):
-    def __init__(self, *args, head_learning_rate: float = 1e-3, head_weight_decay: float = 0.0, **kwargs):
+    def __init__(self, *args, head_learning_rate: float = 1e-3, head_weight_decay: float = 0.0,
+                 on_nonfinite_loss: str = "stop", **kwargs):
         super().__init__(*args, **kwargs)
         self.head_learning_rate = head_learning_rate
         self.head_weight_decay = head_weight_decay
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.skipped_nonfinite = 0
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     # ---- objective and metrics ----
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = model(**inputs)
         mode = "train" if model.training else "eval"
+        if mode == "train" and not torch.isfinite(out["loss"]):
+            out["loss"] = self._nonfinite(out["loss"], model)
         with torch.no_grad():
             acc = recoverability_accuracy(out["logits"], out["targets"])
             acc = acc[~torch.isnan(acc)]
@@ -85,6 +99,22 @@ class RecoverabilityTrainer(Trainer):
             for name, value in values.items():
                 self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.reshape(1)).float().mean().item())
         return (out["loss"], out) if return_outputs else out["loss"]
+
+    def _nonfinite(self, loss: torch.Tensor, model) -> torch.Tensor:
+        """A NaN/Inf training loss: stop with the step and the last good checkpoint, or skip the batch."""
+        step = self.state.global_step + 1
+        if self.on_nonfinite_loss == "skip":
+            self.skipped_nonfinite += 1
+            self._metrics["train"]["skipped_nonfinite_batches"].append(float(self.skipped_nonfinite))
+            # a zero loss still attached to every trainable parameter: the step applies no update from this batch
+            return sum((p * 0.0).sum() for p in model.parameters() if p.requires_grad)
+        last = newest_complete_checkpoint(self.args.output_dir)
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at training step {step}. The last good checkpoint is {last or 'none (no checkpoint saved yet)'}. "
+            f"Allowed: finite losses. Fix: lower training.learning_rate or head.learning_rate, check the data, or set "
+            f"objective.on_nonfinite_loss: skip to skip such batches (they are counted); re-running the same command resumes "
+            f"from the last good checkpoint."
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Our batches carry no labels: the bag is built from input_ids inside the loss.
@@ -103,6 +133,17 @@ class RecoverabilityTrainer(Trainer):
         logs.update({prefix + k: v for k, v in metrics.items()})  # same dict evaluate() returns: best-model picks it up
         self._metrics[mode].clear()
         super().log(logs, start_time)
+
+    # ---- data order: length-grouped batches that resume exactly ----
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and self.args.world_size == 1:
+            # transformers' LengthGroupedSampler draws from the global RNG at iteration time, so a
+            # resumed run sees a different order; ours derives the order from (seed, epoch) alone.
+            lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+            return SeededLengthGroupedSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                              self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        return super()._get_train_sampler(train_dataset)
 
     # ---- optimizer: the head gets its own learning rate ----
     def create_optimizer(self, model=None):
@@ -154,6 +195,13 @@ class RecoverabilityTrainer(Trainer):
         self.args.save_total_limit = None
         try:
             super()._save_checkpoint(model, trial)
+        except OSError as exc:
+            last = newest_complete_checkpoint(self.args.output_dir)
+            raise CheckpointSaveError(
+                f"saving checkpoint-{self.state.global_step} failed ({exc.strerror or exc}). The previous complete checkpoint "
+                f"{last or '(none)'} is intact; the half-written one will be ignored. Fix: free disk space in "
+                f"{self.args.output_dir} (or move output_root), then re-run the same command to resume."
+            ) from None
         finally:
             self.args.save_total_limit = limit
         if not self.args.should_save:
@@ -170,6 +218,25 @@ class RecoverabilityTrainer(Trainer):
             for p in complete:
                 if str(p) not in keep:
                     shutil.rmtree(p, ignore_errors=True)
+
+
+class SeededLengthGroupedSampler(torch.utils.data.Sampler):
+    """Random mega-batches sorted by length (as transformers does), with the order a function of (seed, epoch)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:

