@@ -45,6 +45,8 @@ DESCRIBE = {
 }
 CORE_FILES = set(DESCRIBE) - {"README.md"}
 MAX_RESULT_ROWS = 30  # per results file in the card; the full numbers are in the file itself
+MAX_RESULT_COLUMNS = 10
+MAX_FIGURES = 8
 OFFLINE_MESSAGE = ("push: HF_HUB_OFFLINE is set, so no request may leave this machine. Allowed: pushing with network access. "
                    "Fix: unset HF_HUB_OFFLINE (or set it to 0) and run again.")
 URL_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)([^/\s:@]+):([^/\s@]+)@")
@@ -118,14 +120,15 @@ def check_run_dir(run_dir: Path) -> None:
                         f"recipe resumes it), or point at another run folder.")
 
 
-def collect_files(run_dir: Path) -> tuple[dict[str, Path], list[tuple[str, str]]]:
-    """Files of the run folder that are shared, and what stays local with the reason. Sorted, deterministic."""
+def collect_files(folder: Path, prefix: str = "") -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """Files of a folder that are shared (keyed by path in the repo), and what stays local with the reason.
+    Sorted, deterministic."""
     files: dict[str, Path] = {}
     skipped: list[tuple[str, str]] = []
 
-    def walk(folder: Path) -> None:
-        for item in sorted(folder.iterdir()):
-            rel = item.relative_to(run_dir).as_posix()
+    def walk(current: Path) -> None:
+        for item in sorted(current.iterdir()):
+            rel = prefix + item.relative_to(folder).as_posix()
             if item.is_symlink():
                 skipped.append((rel, "symbolic link"))
             elif item.name.startswith("."):
@@ -146,26 +149,47 @@ def collect_files(run_dir: Path) -> tuple[dict[str, Path], list[tuple[str, str]]
             else:
                 files[rel] = item
 
-    walk(run_dir)
+    walk(folder)
     return files, skipped
 
 
+def parse_include(spec: str) -> tuple[Path, str]:
+    """``DIR`` or ``DIR:PATH_IN_REPO`` -> (folder, repo prefix). The prefix defaults to the folder's name."""
+    folder, _, dest = spec.partition(":")
+    path = Path(folder).expanduser()
+    dest = (dest or path.name).strip("/")
+    if not path.is_dir() or not dest or ".." in dest.split("/"):
+        raise UserError(f"--include: got {spec!r}; allowed: an existing results folder, optionally with :PATH_IN_REPO (e.g. "
+                        f"outputs/probe/smollm2:probe). Fix: check the folder (probe results default to outputs/probe/<name>).")
+    return path, dest
+
+
 def plan_push(run_dir: str | Path, repo_id: str, base_model: str | None = None, license: str | None = None,
-              token: str | None = None) -> PushPlan:
-    """Exactly what ``push_run`` would upload: run-folder files (text scrubbed of secrets) + the model card."""
+              token: str | None = None, include: list[str] | None = None) -> PushPlan:
+    """Exactly what ``push_run`` would upload: the run folder's shareable files, extra results folders
+    (``include``: ``DIR`` or ``DIR:PATH_IN_REPO``), text scrubbed of secrets, and the generated model card."""
     run_dir = Path(run_dir)
     check_repo_id(repo_id)
     check_run_dir(run_dir)
-    found, skipped = collect_files(run_dir)
+    sources, skipped = collect_files(run_dir)
+    for spec in include or []:
+        folder, dest = parse_include(spec)
+        extra, extra_skipped = collect_files(folder, dest + "/")
+        clash = sorted(set(extra) & set(sources))
+        if clash:
+            raise UserError(f"--include: {spec!r} would overwrite {', '.join(clash[:3])} from the run folder. Allowed: a path in "
+                            f"the repo that is free. Fix: name another one, e.g. {folder}:results/{folder.name}.")
+        sources.update(extra)
+        skipped += extra_skipped
     files: dict[str, Path | bytes] = {}
-    for rel, path in found.items():
+    for rel, path in sources.items():
         if path.suffix.lower() in (".json", ".yaml", ".md", ".csv", ".svg"):
             text = path.read_text(errors="replace")
             clean = scrub(text, token)
             files[rel] = clean.encode() if clean != text else path
         else:
             files[rel] = path
-    card, notes = build_card(run_dir, repo_id, sorted([*files, CARD_NAME]), base_model, license)
+    card, notes = build_card(run_dir, repo_id, sources, base_model, license)
     files[CARD_NAME] = scrub(str(card), token).encode()
     files = dict(sorted(files.items()))
     return PushPlan(run_dir, repo_id, files, skipped, card, notes)
@@ -269,14 +293,66 @@ def _load_code(source: str, kind: str, repo_id: str, base_model: str | None) -> 
     return lines
 
 
-def build_card(run_dir: Path, repo_id: str, repo_files: list[str], base_model: str | None = None,
+def figure_rank(path: str) -> int:
+    """Figures in the card: base vs adapter layer curve, then other layer curves, then the rest."""
+    p = path.lower()
+    if "base_vs_adapter" in p:
+        return 0
+    if "recoverability" in p or "curve" in p or "layer" in p:
+        return 1
+    return 2
+
+
+def _table(records: list[dict]) -> list[str]:
+    cols = [k for k in records[0] if not isinstance(records[0][k], (dict, list))][:MAX_RESULT_COLUMNS]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in records[:MAX_RESULT_ROWS]]
+    if len(records) > MAX_RESULT_ROWS:
+        lines.append(f"({len(records) - MAX_RESULT_ROWS} more rows in the file)")
+    return lines
+
+
+def results_section(sources: dict[str, Path]) -> list[str]:
+    """Probe and downstream results as found: a results folder's own ``table.md`` as written, a JSON ``summary``
+    list as a table, else the numeric values of a results JSON (capped; the files hold everything)."""
+    tables = {Path(p).parent.as_posix(): p for p in sources if Path(p).name == "table.md"}
+    results = [p for p in sources if p.endswith(".json") and p not in CORE_FILES and Path(p).parent.as_posix() not in tables]
+    if not tables and not results:
+        return []
+    b = ["## Probe and downstream results", ""]
+    for folder, rel in sorted(tables.items()):
+        b += [f"From `{rel}`:", ""]
+        for line in sources[rel].read_text(errors="replace").strip().splitlines():
+            b.append("##" + line if line.startswith("#") else line)  # keep the card's own heading levels on top
+        b.append("")
+    for rel in results:
+        data = _read_json(sources[rel])
+        b += [f"From `{rel}`:", ""]
+        summary = data.get("summary") if isinstance(data, dict) else None
+        if isinstance(summary, list) and summary and all(isinstance(r, dict) for r in summary):
+            b += _table(summary)
+        else:
+            numbers = flatten_numbers(data)
+            if not numbers:
+                b += ["(no numeric results)", ""]
+                continue
+            b += ["| result | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in numbers[:MAX_RESULT_ROWS]]]
+            if len(numbers) > MAX_RESULT_ROWS:
+                b.append(f"| ... | {len(numbers) - MAX_RESULT_ROWS} more in `{rel}` |")
+        b.append("")
+    return b
+
+
+def build_card(run_dir: Path, repo_id: str, sources: dict[str, Path], base_model: str | None = None,
                license: str | None = None):
-    """The model card (``huggingface_hub.ModelCard``) for a run folder, and notes for the user. Deterministic:
-    the same folder gives the same card, so pushing again changes nothing."""
+    """The model card (``huggingface_hub.ModelCard``) for a run folder whose repo files are ``sources`` (path in
+    repo -> local file), and notes for the user. Deterministic: the same files give the same card, so pushing
+    again changes nothing."""
     import yaml
     from huggingface_hub import ModelCard, ModelCardData
 
     notes: list[str] = []
+    repo_files = sorted([*sources, CARD_NAME])
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").exists() else {}
     recipe = recipe or {}
     info, metrics = _read_json(run_dir / "run_info.json"), _read_json(run_dir / "metrics.json")
@@ -380,25 +456,15 @@ def build_card(run_dir: Path, repo_id: str, repo_files: list[str], base_model: s
               f"(MI lower bound {_fmt(ev.get('eval_mi_lb_bits'))} bits) on held-out batches.", ""]
 
     # ---- downstream and probe results, figures ----
-    results = [p for p in repo_files if p.endswith(".json") and p not in CORE_FILES]
-    if results:
-        b += ["## Probe and downstream results", ""]
-        for rel in results:
-            numbers = flatten_numbers(_read_json(run_dir / rel))
-            b += [f"`{rel}`", ""]
-            if not numbers:
-                b += ["(no numeric results)", ""]
-                continue
-            b += ["| result | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in numbers[:MAX_RESULT_ROWS]]]
-            if len(numbers) > MAX_RESULT_ROWS:
-                b.append(f"| ... | {len(numbers) - MAX_RESULT_ROWS} more in `{rel}` |")
-            b.append("")
+    b += results_section(sources)
     figures = [p for p in repo_files if p.lower().endswith(FIGURE_SUFFIXES)]
-    figures.sort(key=lambda p: (not ("curve" in p.lower() or "layer" in p.lower()), p))  # the layer curve first
+    figures.sort(key=lambda p: (figure_rank(p), p))  # the layer curve first
     if figures:
         b += ["## Figures", ""]
-        b += [f"![{Path(p).stem.replace('_', ' ').replace('-', ' ')}]({p})" for p in figures]
-        b.append("")
+        for p in figures[:MAX_FIGURES]:
+            b += [f"![{Path(p).stem.replace('_', ' ').replace('-', ' ')}]({p})", ""]
+        if len(figures) > MAX_FIGURES:
+            b += [f"({len(figures) - MAX_FIGURES} more figures are listed under Files.)", ""]
 
     # ---- files ----
     b += ["## Files", "", *[f"- `{p}`: {DESCRIBE.get(p, 'evaluation output')}" for p in repo_files], "",
@@ -428,7 +494,7 @@ def hub_error(exc: Exception, repo_id: str, run_dir: Path, token: str | None) ->
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     safe = (f" Nothing was deleted locally: {run_dir} is unchanged, and pushing again is safe (files already on the Hub "
-            f"are skipped).")
+            f"are skipped): python -m mi_tune.push {run_dir} --repo-id {repo_id}")
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if _find(exc, OfflineModeIsEnabled):
         msg = OFFLINE_MESSAGE
@@ -458,34 +524,42 @@ def hub_error(exc: Exception, repo_id: str, run_dir: Path, token: str | None) ->
 
 
 def push_run(run_dir: str | Path, repo_id: str, private: bool = True, *, base_model: str | None = None,
-             license: str | None = None, revision: str | None = None, commit_message: str | None = None) -> PushResult:
+             license: str | None = None, include: list[str] | None = None, revision: str | None = None,
+             commit_message: str | None = None) -> PushResult:
     """Push a run folder to ``repo_id`` (created if missing, reused if present) in one commit; returns what happened.
 
-    ``private`` applies only when the repo is created; an existing repo keeps its visibility.
+    ``private`` applies only when the repo is created; an existing repo keeps its visibility. ``revision``: a
+    branch, created from main when missing. ``include``: extra results folders (``DIR`` or ``DIR:PATH_IN_REPO``).
     """
     from huggingface_hub import CommitOperationAdd, HfApi, get_token, is_offline_mode
 
     run_dir = Path(run_dir)
     check_repo_id(repo_id)
     check_run_dir(run_dir)
+    for spec in include or []:
+        parse_include(spec)
     token = get_token()
     if not token:
         raise UserError(f"push: no Hugging Face token found (looked in HF_TOKEN and the login cache). Allowed: a token with "
                         f"write access. Fix: run hf auth login, or export HF_TOKEN=... (a write token from "
-                        f"https://huggingface.co/settings/tokens). Nothing was deleted locally: {run_dir} is unchanged.")
+                        f"https://huggingface.co/settings/tokens), then python -m mi_tune.push {run_dir} --repo-id {repo_id}. Nothing "
+                        f"was deleted locally: {run_dir} is unchanged.")
     if is_offline_mode():
         raise UserError(OFFLINE_MESSAGE + f" Nothing was deleted locally: {run_dir} is unchanged.")
-    plan = plan_push(run_dir, repo_id, base_model, license, token=token)  # scrubs the token too, wherever it came from
+    plan = plan_push(run_dir, repo_id, base_model, license, token=token, include=include)  # scrubs the token too
     ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=src if isinstance(src, bytes) else str(src))
            for p, src in plan.files.items()]
     api = HfApi(token=token)
     log(f"push: {len(ops)} files from {run_dir} to {repo_id}")
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         info = api.create_commit(repo_id, ops, commit_message=commit_message or f"Upload mi_tune run {run_dir.name}",
                                  revision=revision, repo_type="model")
     except Exception as exc:  # every failure becomes one clear paragraph; the run folder is never touched
         raise hub_error(exc, repo_id, run_dir, token) from None
+    # create_commit marks each file with the oid the Hub already had; equal oids were skipped (not re-uploaded)
     unchanged = [op.path_in_repo for op in ops
                  if getattr(op, "_remote_oid", None) is not None and op._remote_oid == getattr(op, "_local_oid", None)]
     if len(unchanged) == len(ops):

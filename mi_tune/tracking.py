@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -95,6 +96,19 @@ def redact(value):
     return value
 
 
+# In text files (YAML/JSON), the value of a credential-looking key, whatever the environment holds at upload time
+# (a `sync` may run in a shell without the secret set): `hub_token: hf_...` -> `hub_token: '***'`.
+YAML_SECRET = re.compile(r"(?im)^(\s*[\w.-]*(?:token|password|passwd|secret|api_key|access_key)\s*:[ \t]+)(?!(?:null|~|''|\"\")\s*$)(\S.*)$")
+JSON_SECRET = re.compile(r'(?i)("[\w.-]*(?:token|password|passwd|secret|api_key|access_key)"\s*:\s*)"[^"]*"')
+
+
+def redact_text(text: str) -> str:
+    """``redact`` plus credential-looking keys in YAML / JSON text."""
+    text = YAML_SECRET.sub(r"\1'***'", text)
+    text = JSON_SECRET.sub(r'\1"***"', text)
+    return redact(text)
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -148,6 +162,8 @@ def _health(uri: str, timeout: float) -> tuple[bool, str]:
 def _quiet_mlflow(uri: str) -> None:
     import logging
 
+    import mlflow  # noqa: F401  (importing it sets its loggers to INFO; lower them after)
+
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     if is_http(uri):
@@ -165,7 +181,7 @@ def _secret_free(path: Path):
         if p.suffix.lower() not in TEXT_SUFFIXES or p.stat().st_size > 5_000_000:
             return False
         text = p.read_text(errors="replace")
-        return redact(text) != text
+        return redact_text(text) != text
 
     if not any(needs(p) for p in files):
         yield path
@@ -178,7 +194,7 @@ def _secret_free(path: Path):
             shutil.copytree(path, copy)
         for p in [copy] if copy.is_file() else [q for q in copy.rglob("*") if q.is_file()]:
             if needs(p):
-                p.write_text(redact(p.read_text(errors="replace")))
+                p.write_text(redact_text(p.read_text(errors="replace")))
         yield copy
 
 
@@ -583,8 +599,10 @@ def build_mlflow_model(run_dir: Path, dst: Path, model_config: dict) -> tuple[Pa
                                    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(head_cfg.get("hidden_size", -1))))]))
         requirements = [f"mi_tune=={__version__}"] + [f"{m.__name__}=={m.__version__.split('+')[0]}"
                                                        for m in (torch, transformers, peft, safetensors, mlflow)]
-        mlflow.pyfunc.save_model(str(dst), loader_module=__name__, data_path=str(stage), mlflow_model=mlflow_model,
-                                 signature=signature, pip_requirements=requirements, model_config=model_config)
+        with warnings.catch_warnings():  # no input example on purpose: MLflow would load the base model to check it
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            mlflow.pyfunc.save_model(str(dst), loader_module=__name__, data_path=str(stage), mlflow_model=mlflow_model,
+                                     signature=signature, pip_requirements=requirements, model_config=model_config)
     return dst, meta
 
 

@@ -30,8 +30,12 @@ from .conftest import ROOT, TINY
 TOKEN = "hf_miTuneTEST_c0ffee_5ecret_4242"
 REPO = "mi-tune-test/tiny-adapter"
 PNG_1x1 = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
-EXPECTED_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "head/config.json", "head/model.safetensors",
-                  "recipe.yaml", "run_info.json", "metrics.json", "eval/downstream.json", "probe/layer_curve.png"}
+RUN_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "head/config.json", "head/model.safetensors",
+             "recipe.yaml", "run_info.json", "metrics.json"}
+# what mi_tune.eval downstream writes into the run folder (<run>/downstream/<suite>/)
+EXPECTED_FILES = RUN_FILES | {"downstream/quick-cpu/results.json", "downstream/quick-cpu/table.md", "downstream/quick-cpu/chart.png"}
+# what mi_tune.eval probe writes to outputs/probe/<name>/, pushed with --include DIR:probe
+PROBE_FILES = {"probe/probe.json", "probe/probe.csv", "probe/plots/base_vs_adapter_tiny.png", "probe/plots/recoverability_acc.png"}
 LFS_SUFFIXES = (".safetensors", ".png")  # what the real Hub's default .gitattributes sends to LFS
 
 
@@ -45,7 +49,8 @@ class FakeHub:
     def __init__(self, fail_with: Exception | None = None, status: int | None = None):
         self.repos: dict[str, dict[str, bytes]] = {}  # repo -> path -> content
         self.lfs: dict[str, bytes] = {}  # sha256 -> content received by PUT
-        self.commits: list[dict] = []  # {"repo", "header", "ops"}
+        self.commits: list[dict] = []  # {"repo", "revision", "header", "ops"}
+        self.branches: set[tuple[str, str]] = set()
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, authorization header)
         self.fail_with = fail_with  # raise this instead of answering (e.g. no network)
         self.status = status  # answer every request with this error status (e.g. 401)
@@ -65,6 +70,12 @@ class FakeHub:
                 return httpx2.Response(409, json={"error": "You already created this model repo", "url": f"https://huggingface.co/{repo}"})
             self.repos[repo] = {}
             return httpx2.Response(200, json={"url": f"https://huggingface.co/{repo}"})
+        if method == "POST" and "/branch/" in path:
+            branch = (self._repo(path, "/branch/"), path.rsplit("/", 1)[1])
+            if branch in self.branches:
+                return httpx2.Response(409, json={"error": "Reference already exists"})
+            self.branches.add(branch)
+            return httpx2.Response(200, json={})
         if method == "POST" and path == "/api/validate-yaml":
             return httpx2.Response(200, json={"errors": [], "warnings": []})
         if method == "POST" and "/preupload/" in path:
@@ -99,7 +110,7 @@ class FakeHub:
                     self.repos[repo][v["path"]] = base64.b64decode(v["content"])
                 elif op["key"] == "lfsFile":
                     self.repos[repo][v["path"]] = self.lfs[v["oid"]]
-            self.commits.append({"repo": repo, "header": header, "ops": ops})
+            self.commits.append({"repo": repo, "revision": path.rsplit("/", 1)[1], "header": header, "ops": ops})
             return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo}/commit/{self.head(repo)}",
                                               "commitOid": self.head(repo), "pullRequestUrl": None})
         if method == "GET" and path.startswith("/api/models/") and "/revision/" in path:
@@ -127,15 +138,19 @@ class FakeHub:
         return snap
 
 
-@pytest.fixture
-def fake_hub(monkeypatch):
-    """Route huggingface_hub's HTTP client to a FakeHub; online mode, LFS uploads, a known HF_TOKEN."""
-    hub = FakeHub()
+def use_fake_hub(mp: pytest.MonkeyPatch, hub: FakeHub) -> None:
+    """Route huggingface_hub's HTTP client to ``hub``; online mode, LFS uploads, a known HF_TOKEN."""
     set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub), event_hooks={"request": [hf_request_event_hook]},
                                              follow_redirects=True))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    mp.setattr(constants, "HF_HUB_OFFLINE", False)
+    mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    mp.setenv("HF_TOKEN", TOKEN)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    hub = FakeHub()
+    use_fake_hub(monkeypatch, hub)
     yield hub
     set_client_factory(default_client_factory)
 
@@ -146,29 +161,53 @@ def fake_hub(monkeypatch):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """The tiny recipe with the recipe setting hub.push on: trains, then pushes to a fake Hub at the end."""
     from mi_tune.train import main as train_main
 
     out = tmp_path_factory.mktemp("runs")
-    train_main([str(ROOT / "recipes" / "tiny.yaml"), f"output_root={out}", "run_name=hub", "training.max_steps=4",
-                "training.eval_steps=4", "check.train_sentences=60", "check.eval_sentences=20"])
-    return out / "hub"
+    hub = FakeHub()
+    with pytest.MonkeyPatch.context() as mp:
+        use_fake_hub(mp, hub)
+        try:
+            train_main([str(ROOT / "recipes" / "tiny.yaml"), f"output_root={out}", "run_name=hub", "training.max_steps=4",
+                        "training.eval_steps=4", "check.train_sentences=60", "check.eval_sentences=20",
+                        "hub.push=true", f"hub.repo_id={REPO}"])
+        finally:
+            set_client_factory(default_client_factory)
+    return out / "hub", hub
 
 
 @pytest.fixture
 def run_dir(trained, tmp_path):
-    """A copy of the trained run plus what probe/eval write and what must stay local."""
+    """A copy of the trained run plus what downstream evaluation writes into it, and what must stay local."""
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    (run / "eval").mkdir()
-    (run / "eval" / "downstream.json").write_text(json.dumps(
-        {"suite": "quick-cpu", "base": {"sts": {"spearman": 0.5123}}, "enhanced": {"sts": {"spearman": 0.5432}}}))
-    (run / "eval" / "cache").mkdir()
-    (run / "eval" / "cache" / "emb.safetensors").write_bytes(b"cached embeddings")
-    (run / "probe").mkdir()
-    (run / "probe" / "layer_curve.png").write_bytes(PNG_1x1)
+    shutil.copytree(trained[0], run)
+    suite = run / "downstream" / "quick-cpu"
+    suite.mkdir(parents=True)
+    (suite / "results.json").write_text(json.dumps({"suite": "quick-cpu", "columns": [{"label": "base"}, {"label": "hub"}],
+                                                    "tasks": {"sts": {"base": {"spearman": 0.5123}, "hub": {"spearman": 0.5432}}}}))
+    (suite / "table.md").write_text("# downstream: quick-cpu\n\n| task | metric | base | hub |\n|---|---|---|---|\n"
+                                    "| sts | spearman | 0.5123 | 0.5432 |\n")
+    (suite / "chart.png").write_bytes(PNG_1x1)
+    (suite / "cache").mkdir()
+    (suite / "cache" / "emb.safetensors").write_bytes(b"cached embeddings")
     (run / "tracking_run.json").write_text(json.dumps({"run_id": "abc", "tracking_uri": "http://mlflow.internal:5000"}))
     (run / "notes.bin").write_bytes(b"pickle-ish")
     return run
+
+
+@pytest.fixture
+def probe_dir(tmp_path):
+    """What mi_tune.eval probe writes (outputs/probe/<name>/), outside the run folder."""
+    out = tmp_path / "outputs" / "probe" / "tiny"
+    (out / "plots").mkdir(parents=True)
+    summary = [{"model": "tiny", "variant": "base", "set": "ag_news", "best_layer": 2, "best_acc": 0.41, "last_acc": 0.38},
+               {"model": "tiny", "variant": "adapter", "set": "ag_news", "best_layer": 3, "best_acc": 0.45, "last_acc": 0.45}]
+    (out / "probe.json").write_text(json.dumps({"setup": {"decoder": "ridge"}, "summary": summary, "rows": []}))
+    (out / "probe.csv").write_text("model,variant,set,layer,recoverability_acc\ntiny,base,ag_news,0,0.1\n")
+    (out / "plots" / "base_vs_adapter_tiny.png").write_bytes(PNG_1x1)
+    (out / "plots" / "recoverability_acc.png").write_bytes(PNG_1x1)
+    return out
 
 
 def tree(folder: Path) -> dict[str, str]:
@@ -180,16 +219,17 @@ def tree(folder: Path) -> dict[str, str]:
 # what would be uploaded
 
 
-def test_exact_file_set_and_card_metadata(run_dir, capsys):
-    push_main([str(run_dir), "--repo-id", REPO, "--dry-run", "--base-model", "mi-tune-test/tiny-llama", "--license", "apache-2.0"])
+def test_exact_file_set_and_card_metadata(run_dir, probe_dir, capsys):
+    push_main([str(run_dir), "--repo-id", REPO, "--dry-run", "--base-model", "mi-tune-test/tiny-llama", "--license", "apache-2.0",
+               "--include", f"{probe_dir}:probe"])
     out = capsys.readouterr().out
     listed = {line.split()[0] for line in out.split("not pushed:")[0].splitlines()[1:] if line.startswith("  ")}
-    assert listed == EXPECTED_FILES
+    assert listed == EXPECTED_FILES | PROBE_FILES
     assert "private if the repo is new" in out  # the recipe's hub.private defaults to true
 
-    plan = plan_push(run_dir, REPO, base_model="mi-tune-test/tiny-llama", license="apache-2.0")
-    assert set(plan.files) == EXPECTED_FILES
-    assert {p for p, _ in plan.skipped} == {"checkpoints/", "eval/cache/", "tracking_run.json", "notes.bin"}
+    plan = plan_push(run_dir, REPO, base_model="mi-tune-test/tiny-llama", license="apache-2.0", include=[f"{probe_dir}:probe"])
+    assert set(plan.files) == EXPECTED_FILES | PROBE_FILES
+    assert {p for p, _ in plan.skipped} == {"checkpoints/", "downstream/quick-cpu/cache/", "tracking_run.json", "notes.bin"}
     for rel in EXPECTED_FILES - {"README.md"}:  # run-folder files go up byte for byte
         src = plan.files[rel]
         assert (src if isinstance(src, bytes) else src.read_bytes()) == (run_dir / rel).read_bytes()
@@ -207,9 +247,28 @@ def test_exact_file_set_and_card_metadata(run_dir, capsys):
     assert f"| base | {metrics['base']['recoverability_acc']:.4f} |" in body
     assert f"| enhanced | {metrics['enhanced']['recoverability_acc']:.4f} |" in body
     assert f"PeftModel.from_pretrained(base, {REPO!r})" in body and f"load_ready(adapter={REPO!r})" in body
-    assert "| enhanced / sts / spearman | 0.5432 |" in body  # downstream results from eval/downstream.json
-    assert "![layer curve](probe/layer_curve.png)" in body
+    assert "| sts | spearman | 0.5123 | 0.5432 |" in body  # the downstream table, as the evaluation wrote it
+    assert "### downstream: quick-cpu" in body  # its heading sits under the card's own
+    assert "| tiny | adapter | ag_news | 3 | 0.4500 | 0.4500 |" in body  # the probe summary
+    figures = [line for line in body.splitlines() if line.startswith("![")]
+    assert figures[0] == "![base vs adapter tiny](probe/plots/base_vs_adapter_tiny.png)"  # the layer curve first
+    assert len(figures) == 3
     assert "blocks 0..1; the final block 2 stays frozen" in body
+
+
+def test_recipe_setting_pushes_at_end_of_training(trained):
+    run, hub = trained
+    assert len(hub.commits) == 1 and hub.commits[0]["repo"] == REPO
+    assert set(hub.repos[REPO]) == RUN_FILES
+    assert hub.repos[REPO]["adapter_model.safetensors"] == (run / "adapter_model.safetensors").read_bytes()
+    assert ModelCard(hub.repos[REPO]["README.md"].decode()).data.library_name == "peft"
+    assert (run / "README.md").read_bytes() != hub.repos[REPO]["README.md"]  # the local run note stays as it was
+
+
+def test_push_to_a_branch(run_dir, fake_hub):
+    push_run(run_dir, REPO, revision="dev")
+    push_run(run_dir, REPO, revision="dev")  # the branch exists now (409 -> reused)
+    assert fake_hub.branches == {(REPO, "dev")} and [c["revision"] for c in fake_hub.commits] == ["dev"]
 
 
 def test_card_metadata_without_hub_base_and_recipe_license(run_dir):
@@ -261,8 +320,10 @@ def test_push_uploads_expected_files_and_never_leaks_the_token(run_dir, fake_hub
     assert fake_hub.repos[REPO]["adapter_model.safetensors"] == (run_dir / "adapter_model.safetensors").read_bytes()
 
     # the token from HF_TOKEN was sent, only in the Authorization header ...
-    auth = {a for _, _, a in fake_hub.requests}
-    assert auth == {f"Bearer {TOKEN}"}
+    sent = {path: a for _, path, a in fake_hub.requests}
+    api_calls = [p for p in sent if p.startswith(("/api/repos/create", f"/api/models/{REPO}/"))]
+    assert len(api_calls) >= 2 and all(sent[p] == f"Bearer {TOKEN}" for p in api_calls)
+    assert {a for a in sent.values()} <= {None, f"Bearer {TOKEN}"}  # LFS storage PUTs carry no token
     # ... and never printed, logged or written
     assert TOKEN not in out + err and TOKEN not in caplog.text
     assert f"pushed {len(EXPECTED_FILES)} files" in out
@@ -281,7 +342,7 @@ def test_token_from_login_cache(run_dir, fake_hub, tmp_path, monkeypatch, capfd)
     (tmp_path / "token").write_text(cached)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
     push_run(run_dir, REPO)
-    assert {a for _, _, a in fake_hub.requests} == {f"Bearer {cached}"}
+    assert {a for _, p, a in fake_hub.requests if p.startswith("/api/repos/create")} == {f"Bearer {cached}"}
     out, err = capfd.readouterr()
     assert cached not in out + err
 
@@ -292,9 +353,10 @@ def test_pushing_again_is_safe(run_dir, fake_hub):
     second = push_run(run_dir, REPO)  # repo exists (409 -> reused), every file unchanged -> no new commit
     assert sorted(second.unchanged) == sorted(EXPECTED_FILES) and len(fake_hub.commits) == 1
     assert second.commit_oid == first.commit_oid
-    (run_dir / "eval" / "downstream.json").write_text(json.dumps({"enhanced": {"sts": {"spearman": 0.6}}}))
-    third = push_run(run_dir, REPO)  # only what changed goes up (the results file and the card that shows it)
-    assert {op["value"]["path"] for op in fake_hub.commits[-1]["ops"]} == {"eval/downstream.json", "README.md"}
+    table = run_dir / "downstream" / "quick-cpu" / "table.md"
+    table.write_text(table.read_text().replace("0.5432", "0.6000"))
+    third = push_run(run_dir, REPO)  # only what changed goes up (the results table and the card that shows it)
+    assert {op["value"]["path"] for op in fake_hub.commits[-1]["ops"]} == {"downstream/quick-cpu/table.md", "README.md"}
     assert len(third.unchanged) == len(EXPECTED_FILES) - 2
 
 
