@@ -44,6 +44,14 @@ def make_runs(uri: str, experiment: str, scratch: Path) -> dict[str, str]:
     return names
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One embedded store for the module (creating one runs MLflow's migrations: seconds), one experiment of 3 runs."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    return uri, make_runs(uri, "lr-sweep", root), root
+
+
 def _rows(stdout: str) -> list[list[str]]:
     lines = stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("#  run"))
@@ -62,9 +70,8 @@ def _client(uri):
     return MlflowClient(tracking_uri=uri)
 
 
-def test_compare_embedded_store(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    ids = make_runs(uri, "lr-sweep", tmp_path)
+def test_compare_embedded_store(store, tmp_path, capsys):
+    uri, ids, _ = store
     compare_main(["--experiment", "lr-sweep", "--tracking-uri", uri, "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     header, *rows = _rows(out)
@@ -103,22 +110,20 @@ def test_compare_embedded_store(tmp_path, capsys):
     assert len(client.search_runs([exp.experiment_id], filter_string="tags.`mi_tune.kind` = 'comparison'")) == 1
 
 
-def test_compare_chosen_runs(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    ids = make_runs(uri, "sweep", tmp_path)
+def test_compare_chosen_runs(store, tmp_path, capsys):
+    uri, ids, _ = store
     compare_main(["--runs", ids["lr0.001"], ids["lr0.0001"], "--tracking-uri", uri, "--out", str(tmp_path / "o"), "--no-log"])
     header, *rows = _rows(capsys.readouterr().out)
     assert [r[1] for r in rows] == ["lr0.0001", "lr0.001"]
 
 
-def test_compare_errors_are_clear(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    make_runs(uri, "present", tmp_path)
+def test_compare_errors_are_clear(store, tmp_path, capsys):
+    uri = store[0]
     for argv, expected in [
         (["--tracking-uri", f"sqlite:///{tmp_path / 'nothing.db'}"], "no MLflow store at"),
-        (["--tracking-uri", uri, "--experiment", "nope"], "'nope' is not in this store. Allowed: 'present'"),
+        (["--tracking-uri", uri, "--experiment", "nope"], "'nope' is not in this store. Allowed: 'lr-sweep'"),
         (["--tracking-uri", uri, "--runs", "0123abcd"], "run '0123abcd' is not in this store"),
-        (["--tracking-uri", uri, "--experiment", "present", "--metric", "no_such_metric"], "no_such_metric not logged by any chosen run"),
+        (["--tracking-uri", uri, "--experiment", "lr-sweep", "--metric", "no_such_metric"], "no_such_metric not logged by any chosen run"),
     ]:
         with pytest.raises(SystemExit) as e:
             compare_main([*argv, "--no-log"])

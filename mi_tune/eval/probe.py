@@ -9,23 +9,29 @@ set and every evaluation set -> table (CSV + JSON) -> plots over normalized dept
 
 Metrics per layer and data set (DESIGN.md section 2):
 - ``recoverability_acc``: precision@k of the decoder's top-k vocabulary ids, k = bag size (unique
-  non-special tokens of the sentence).
+  non-special tokens of the sentence), mean over sentences.
 - ``cosine``: cosine between predicted probabilities (sigmoid for BCE, scores clipped to [0, 1] for
-  ridge) and the multi-hot bag, over the full vocabulary.
-- ``bleu`` (sacrebleu corpus BLEU, 0-100) and ``rouge1_f`` / ``rouge2_f`` / ``rougeL_f`` (rouge-score F1,
-  mean over sentences) of the *recovered token list* against the *original tokens*:
+  ridge) and the multi-hot bag, over the full vocabulary, mean over sentences.
+- ``bleu`` (sacrebleu corpus BLEU, 0-100, tokenize="none") and ``rouge1_f`` / ``rouge2_f`` (rouge-score
+  F1, mean over sentences) of the *recovered token list* against the *original tokens*:
   original = the sentence's token ids after truncation, special tokens removed, in sentence order,
   repeats kept; recovered = the top-k ids (k = bag size) with the hits (ids that occur in the sentence)
-  placed in the order of their first occurrence and the misses appended in decreasing decoder score.
-  Tokens are written as decimal ids, so no detokenisation or re-tokenisation is involved. A bag has no
-  order, so this is an *oracle order* for the hits: BLEU's 2- to 4-grams then measure runs of adjacent
-  recovered tokens, and ROUGE-L equals ROUGE-1 (the hits are a subsequence of the sentence).
-  Computed on the first ``text_metrics_sentences`` sentences of each (already shuffled) set: rouge-score's
-  pure-Python LCS costs about 3 ms a pair, and a 31-layer model has 31 x (train + eval) sentences.
+  placed in the order of their first occurrence, followed by the misses. Tokens are written as decimal
+  ids, so nothing is detokenised or re-tokenised. A bag has no order, so this is an *oracle order* for
+  the hits: BLEU's 2- to 4-grams measure runs of adjacent recovered tokens. ROUGE-L is not reported:
+  under this order the hits are a subsequence of the sentence and the misses never occur in it, so the
+  LCS is the number of hits and ROUGE-L equals ROUGE-1 (tests/test_probe.py checks it with rouge-score).
+  Computed on the first ``text_metrics_sentences`` sentences of each (already shuffled) set.
 - ``mi_lb_bits``: Fano lower bound on I(T;E) in bits with H(T) = log2|V| (the paper's uniform-token
   assumption), from the mean accuracy; ``mi_lb_bits_empirical`` with H(T) = the set's empirical unigram
-  entropy (``token_entropy_bits``). |V| is always the model's full vocabulary (see mi_tune/decoders.py
-  for why the decoder is exactly full-vocabulary).
+  entropy (``token_entropy_bits``). |V| is always the model's full vocabulary.
+
+The decoders are full-vocabulary but stored compactly (mi_tune/decoders.py): one column per id seen in a
+training bag and one shared column for the U ids never seen, which all get the same score. The metrics are
+computed on that compact form (B x A instead of B x |V|, ~5x less work for SmolLM2); the U tied ids enter
+the top-k as a block wherever their shared score ranks. Accuracy counts that block's expected hits under a
+random choice among the tied ids (u/U per slot, u = bag ids never seen in training); BLEU/ROUGE count those
+slots as misses. Both differ from a dense ``torch.topk`` only in how ties are broken.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from ..errors import UserError, field_error
 from ..modeling import log
 
 FEATURES_VERSION = "probe-features-v1"  # bump when the feature computation changes (invalidates the cache)
-ROW_CHUNK = 256  # sentences scored at once: (256, |V|) dense scores stay ~50 MB for |V| = 49k
+ROW_CHUNK = 512  # sentences scored at once: (512, A+1) compact scores, ~20 MB for A = 10k
 DECODER_MEMORY = 1.0e9  # bytes of decoder weights (+ Adam state for BCE) fitted at once; sets the layer chunk
 
 METRICS = {  # key -> axis label (with units); order = plot and table order
@@ -60,7 +66,6 @@ METRICS = {  # key -> axis label (with units); order = plot and table order
     "bleu": "BLEU of recovered tokens (sacrebleu, 0-100)",
     "rouge1_f": "ROUGE-1 F1 of recovered tokens (0-1)",
     "rouge2_f": "ROUGE-2 F1 of recovered tokens (0-1)",
-    "rougeL_f": "ROUGE-L F1 of recovered tokens (0-1)",
     "mi_lb_bits": "Fano lower bound on I(T;E), H(T)=log2|V| (bits)",
     "mi_lb_bits_empirical": "Fano lower bound on I(T;E), empirical H(T) (bits)",
 }
@@ -344,12 +349,12 @@ def text_scores(hyps: list[list[int]], refs: list[list[int]]) -> dict:
     from rouge_score import rouge_scorer
 
     if not hyps:
-        return {"bleu": float("nan"), "rouge1_f": float("nan"), "rouge2_f": float("nan"), "rougeL_f": float("nan")}
+        return {"bleu": float("nan"), "rouge1_f": float("nan"), "rouge2_f": float("nan")}
     h = [" ".join(map(str, x)) for x in hyps]
     r = [" ".join(map(str, x)) for x in refs]
     bleu = sacrebleu.corpus_bleu(h, [r], tokenize="none").score
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_Whitespace())
-    sums = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2"], tokenizer=_Whitespace())
+    sums = {"rouge1": 0.0, "rouge2": 0.0}
     for hyp, ref in zip(h, r):
         for key, s in scorer.score(ref, hyp).items():
             sums[key] += s.fmeasure
@@ -379,32 +384,69 @@ def scored_set(name: str, role: str, seqs: list[list[int]], vocab_size: int, exc
                      unigram_entropy_bits(counts))
 
 
-def score_layer(dec, j: int, X: np.ndarray, ss: ScoredSet, linear: bool, text_cap: int | None) -> dict:
-    """Metrics of decoder ``j`` of ``dec`` on features X (N, D) of one set."""
-    from ..metrics import bag_cosine, fano_mi_lower_bound_bits, recoverability_accuracy
+MISS = -1  # written for a top-k slot filled from the tied never-seen block: never in a sentence, so a miss
+
+
+def compact_metrics(C: torch.Tensor, ya: torch.Tensor, u: torch.Tensor, unseen: int, linear: bool):
+    """Accuracy and cosine of full-vocabulary scores given in compact form, per sentence.
+
+    C: (B, A+1) scores (last column: the ``unseen`` ids never seen in training, all tied); ya: (B, A) bag
+    restricted to the A seen ids; u: (B,) bag ids among the unseen ones. Returns (acc (B,), cos (B,),
+    idx (B, kmax) top active columns in decreasing score, n_active (B,) how many of them are in the top-k).
+    Sentences with an empty bag get NaN.
+    """
+    Ca, s = C[:, :-1], C[:, -1]  # (B, A), (B,)
+    k = ya.sum(1) + u  # (B,) bag sizes
+    kmax = max(1, min(int(k.max()), Ca.shape[1]))
+    vals, idx = Ca.topk(kmax, dim=1)  # (B, kmax)
+    pos = torch.arange(kmax).unsqueeze(0)  # (1, kmax)
+    above = ((vals > s.unsqueeze(1)) & (pos < k.unsqueeze(1))).sum(1)  # (B,) seen ids ranked above the tied block
+    shared = torch.minimum(k - above, torch.full_like(k, float(unseen)))  # (B,) top-k slots taken by never-seen ids
+    n_active = (k - shared).long()  # (B,)
+    hits = (ya.gather(1, idx) * (pos < n_active.unsqueeze(1))).sum(1) + shared * u / max(unseen, 1)
+    acc = hits / k
+    P = C.clamp(0, 1) if linear else torch.sigmoid(C)  # (B, A+1) predicted probabilities
+    Pa, ps = P[:, :-1], P[:, -1]
+    dot = (Pa * ya).sum(1) + u * ps
+    norm = torch.sqrt((Pa ** 2).sum(1) + unseen * ps ** 2) * torch.sqrt(k)
+    cos = dot / norm.clamp(min=1e-12)
+    empty = k == 0
+    return acc.masked_fill(empty, float("nan")), cos.masked_fill(empty, float("nan")), idx, n_active
+
+
+def score_layer(dec, j: int, X: np.ndarray, ss: ScoredSet, ya: torch.Tensor, u: torch.Tensor, linear: bool,
+                text_cap: int | None) -> dict:
+    """Metrics of decoder ``j`` of ``dec`` on features X (N, D) of one set; ya (N, A), u (N,) from ``compact_bags``."""
+    from ..metrics import fano_mi_lower_bound_bits
 
     V = dec.vocab_size
+    unseen = V - len(dec.active)
     n = X.shape[0]
     cap = n if text_cap is None else min(text_cap, n)
     accs, coss, hyps = [], [], []
+    active = dec.active.tolist()
     for start in range(0, n, ROW_CHUNK):
-        scores = dec.scores(torch.from_numpy(X[start: start + ROW_CHUNK]), j)  # (B, V)
-        y = ss.bags[start: start + ROW_CHUNK].float()  # (B, V)
-        keep = y.sum(1) > 0
-        accs.append(recoverability_accuracy(scores, y)[keep])
-        probs = scores.clamp(0, 1) if linear else torch.sigmoid(scores)
-        coss.append(bag_cosine(probs, y)[keep])
+        C = dec.compact_scores(torch.from_numpy(X[start: start + ROW_CHUNK]), j)  # (B, A+1)
+        acc, cos, idx, n_active = compact_metrics(C, ya[start: start + ROW_CHUNK].float(), u[start: start + ROW_CHUNK], unseen, linear)
+        accs.append(acc)
+        coss.append(cos)
         if start < cap:
-            k = y.sum(1).long()  # (B,)
-            top = scores.topk(int(k.max()), dim=1).indices.tolist()  # (B, kmax), decreasing score
+            k = (ya[start: start + ROW_CHUNK].sum(1) + u[start: start + ROW_CHUNK]).long().tolist()
+            idx, n_active = idx.tolist(), n_active.tolist()
             for i in range(min(len(k), cap - start)):
-                hyps.append(recovered_list(top[i][: int(k[i])], ss.sentences[start + i]))
-    acc = float(torch.cat(accs).mean())
-    out = {"recoverability_acc": acc, "cosine": float(torch.cat(coss).mean()),
-           **text_scores(hyps, ss.sentences[:cap]),
-           "mi_lb_bits": fano_mi_lower_bound_bits(acc, V),
-           "mi_lb_bits_empirical": fano_mi_lower_bound_bits(acc, V, ss.entropy_bits)}
-    return out
+                top = [active[c] for c in idx[i][: n_active[i]]] + [MISS] * (k[i] - n_active[i])
+                hyps.append(recovered_list(top, ss.sentences[start + i]))
+    acc = float(torch.nanmean(torch.cat(accs)))
+    return {"recoverability_acc": acc, "cosine": float(torch.nanmean(torch.cat(coss))),
+            **text_scores(hyps, ss.sentences[:cap]),
+            "mi_lb_bits": fano_mi_lower_bound_bits(acc, V),
+            "mi_lb_bits_empirical": fano_mi_lower_bound_bits(acc, V, ss.entropy_bits)}
+
+
+def compact_bags(bags: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) uint8 bags -> ((N, A) uint8 restricted to the seen ids, (N,) float count of the other bag ids)."""
+    ya = bags[:, active]
+    return ya, (bags.sum(1, dtype=torch.float32) - ya.sum(1, dtype=torch.float32))
 
 
 def layer_chunk(decoder: str, d: int, active: int) -> int:
@@ -437,9 +479,12 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
                           batch_size=suite.bce_batch_size, seed=suite.seed)
         t_fit += time.perf_counter() - t
         t = time.perf_counter()
+        if c0 == 0:
+            compact = {ss.name: compact_bags(ss.bags, dec.active) for ss in sets}  # same seen ids for every chunk
         for j, layer in enumerate(ls):
             for ss in sets:
-                m = score_layer(dec, j, feats[ss.name][:, layer], ss, suite.decoder == "ridge", suite.text_metrics_sentences)
+                m = score_layer(dec, j, feats[ss.name][:, layer], ss, *compact[ss.name], suite.decoder == "ridge",
+                                suite.text_metrics_sentences)
                 extra = {"ridge_lambda": float(dec.lam[j])} if dec.lam is not None else {"ridge_lambda": None}
                 rows.append({"layer": layer, "set": ss.name, "role": ss.role, "sentences": len(ss.seqs),
                              "text_metric_sentences": len(ss.seqs) if suite.text_metrics_sentences is None else min(suite.text_metrics_sentences, len(ss.seqs)),
