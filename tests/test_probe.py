@@ -1,0 +1,360 @@
+"""The layer probe: metrics against hand-made cases, exact compact decoders, one-pass features, the feature
+cache, output files, adapters (before/after) and the suite files. Mechanics on the tiny random Llama; one
+real-model test (MiniLM-L6, well under a minute)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mi_tune.decoders import RIDGE_GCV_GRID, _standardize, fit_bce, fit_ridge
+from mi_tune.errors import UserError
+from mi_tune.eval.probe import (MISS, compact_bags, compact_metrics, load_suite, main as probe_main, recovered_list,
+                                resolve_data_root, resolve_source, scored_set, text_scores)
+from mi_tune.losses import recoverability_loss
+from mi_tune.metrics import bag_cosine, fano_mi_lower_bound_bits, recoverability_accuracy
+
+from .conftest import MINILM, ROOT, SHARED_DATA, TINY, TINY_CORPUS, run_cli
+
+PLOTS = {"recoverability_acc.png", "cosine.png", "bleu.png", "rouge1_f.png", "rouge2_f.png", "mi_lb_bits.png", "mi_lb_bits_empirical.png"}
+
+
+# ---- metrics against hand-made cases -----------------------------------------------------------
+
+
+def test_fano_bound_at_a_real_vocabulary_size():
+    V = 49152
+    assert fano_mi_lower_bound_bits(1.0, V) == pytest.approx(math.log2(V))  # Pe = 0: all of log2|V|
+    assert fano_mi_lower_bound_bits(1.0 / V, V) == pytest.approx(0.0, abs=1e-9)  # Pe = 1 - 1/|V|: chance, nothing
+    pe = 0.6
+    hb = -(pe * math.log2(pe) + (1 - pe) * math.log2(1 - pe))
+    assert fano_mi_lower_bound_bits(1 - pe, V) == pytest.approx(math.log2(V) - hb - pe * math.log2(V - 1))
+    assert fano_mi_lower_bound_bits(1 - pe, V, token_entropy_bits=9.0) == 0.0  # empirical H(T) below the Fano terms: clipped
+
+
+def test_recovered_list_orders_hits_by_first_occurrence_then_misses():
+    sentence = [7, 3, 9, 3, 5]
+    top = [5, 42, 3, 7, 99]  # decreasing score; 42 and 99 are not in the sentence
+    assert recovered_list(top, sentence) == [7, 3, 5, 42, 99]
+    assert recovered_list([], sentence) == []
+
+
+def test_text_scores_hand_cases():
+    ref = [[1, 2, 3, 4, 5, 6, 7, 8]]
+    same = text_scores(ref, ref)
+    assert same["bleu"] == pytest.approx(100.0) and same["rouge1_f"] == pytest.approx(1.0) and same["rouge2_f"] == pytest.approx(1.0)
+    assert text_scores([[11, 12, 13]], [[1, 2, 3]])["bleu"] == pytest.approx(0.0)
+    # one wrong token at the end: n-gram precisions 7/8, 6/7, 5/6, 4/5, no brevity penalty -> 100 * (1/2)^(1/4)
+    one_off = text_scores([[1, 2, 3, 4, 5, 6, 7, 9]], ref)
+    assert one_off["bleu"] == pytest.approx(100 * 0.5 ** 0.25, rel=1e-6)
+    assert one_off["rouge1_f"] == pytest.approx(7 / 8) and one_off["rouge2_f"] == pytest.approx(6 / 7)
+    # two hits of a 3-token sentence plus one miss: ROUGE-1 P = R = 2/3; no shared bigram
+    part = text_scores([[5, 7, MISS]], [[5, 6, 7]])
+    assert part["rouge1_f"] == pytest.approx(2 / 3) and part["rouge2_f"] == 0.0
+    # ROUGE-1 F is the mean over sentences
+    assert text_scores([[1, 2], [9]], [[1, 2], [3]])["rouge1_f"] == pytest.approx(0.5)
+
+
+def test_rouge_l_equals_rouge_1_for_recovered_lists():
+    """Why ROUGE-L is not reported: with hits in sentence order and misses absent from the sentence, LCS = hits."""
+    from rouge_score import rouge_scorer
+
+    rng = np.random.default_rng(0)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"])
+    for _ in range(50):
+        sentence = list(rng.integers(0, 30, size=rng.integers(3, 20)))
+        bag = sorted(set(sentence))
+        k = len(bag)
+        top = list(rng.permutation(bag + list(range(100, 130)))[:k])
+        hyp = " ".join(map(str, recovered_list(top, sentence)))
+        s = scorer.score(" ".join(map(str, sentence)), hyp)
+        assert s["rougeL"].fmeasure == pytest.approx(s["rouge1"].fmeasure)
+
+
+def test_compact_metrics_tie_block_by_hand():
+    # V = 6; seen ids 0, 1, 2; ids 3, 4, 5 never seen (one tied score 0). Bag {0, 4}: k = 2.
+    C = torch.tensor([[2.0, -1.0, -2.0, 0.0]])  # scores of ids 0, 1, 2 and of the tied block
+    ya = torch.tensor([[1.0, 0.0, 0.0]])
+    u = torch.tensor([1.0])  # id 4 is in the bag but was never seen
+    acc, cos, idx, n_active = compact_metrics(C, ya, u, unseen=3, linear=True)
+    # top-2 = id 0 (a hit) + one of the 3 tied ids, of which 1 is in the bag: expected hits 1 + 1/3
+    assert acc.item() == pytest.approx((1 + 1 / 3) / 2)
+    assert n_active.item() == 1 and idx[0, 0].item() == 0
+    # ridge probabilities clip to [0, 1]: p = (1, 0, 0, 0, 0, 0); cosine with the bag (1, 0, 0, 0, 1, 0) = 1/sqrt(2)
+    assert cos.item() == pytest.approx(1 / math.sqrt(2))
+    # the block ranks below every seen id when its score is lowest
+    acc2, *_ = compact_metrics(torch.tensor([[2.0, 1.0, 0.5, -5.0]]), ya, u, unseen=3, linear=True)
+    assert acc2.item() == pytest.approx(0.5)  # top-2 = ids 0 and 1: one hit
+
+
+@pytest.mark.parametrize("decoder", ["ridge", "bce"])
+def test_compact_metrics_equal_dense_metrics(decoder):
+    rng = np.random.default_rng(1)
+    V, D, N = 40, 8, 60
+    train = [list(rng.integers(3, 30, size=rng.integers(3, 9))) for _ in range(N)]  # ids 30..39 never seen
+    evals = [list(rng.integers(3, 40, size=rng.integers(3, 9))) for _ in range(N)]
+    tr = scored_set("t", "train", train, V, [0, 1, 2])
+    ev = scored_set("e", "eval", evals, V, [0, 1, 2])
+    X, Xe = torch.randn(1, N, D), torch.randn(N, D)
+    dec = fit_ridge(X, tr.bags.float(), 0.1) if decoder == "ridge" else fit_bce(X, tr.bags.float(), epochs=20, lr=0.05, batch_size=16)
+    dense, y = dec.scores(Xe, 0), ev.bags.float()
+    probs = dense.clamp(0, 1) if decoder == "ridge" else torch.sigmoid(dense)
+    ya, u = compact_bags(ev.bags, dec.active)
+    acc, cos, _, _ = compact_metrics(dec.compact_scores(Xe, 0), ya.float(), u, V - len(dec.active), decoder == "ridge")
+    torch.testing.assert_close(acc, recoverability_accuracy(dense, y))
+    torch.testing.assert_close(cos, bag_cosine(probs, y))
+
+
+# ---- decoders: the compact form is exactly the full-vocabulary decoder -----------------------------
+
+
+def _data(L=3, N=40, D=6, V=25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(L, N, D, generator=g)
+    Y = (torch.rand(N, V, generator=g) < 0.15).float()
+    Y[:, 20:] = 0  # five ids never occur in training
+    return X, Y
+
+
+def test_ridge_equals_dense_normal_equations_and_gcv_picks_the_explicit_minimum():
+    X, Y = _data()
+    L, N, D = X.shape
+    Z, _, _ = _standardize(X)
+    dec = fit_ridge(X, Y, 0.1)
+    for l in range(L):
+        W = torch.linalg.solve(Z[l].T @ Z[l] + 0.1 * N * torch.eye(D), Z[l].T @ (Y - Y.mean(0)))
+        torch.testing.assert_close(dec.scores(X[l], l), Z[l] @ W + Y.mean(0), atol=1e-5, rtol=1e-5)
+    assert dec.scores(X[0], 0)[:, 20:].abs().max() == 0  # never-seen ids: exactly 0
+    gcv = fit_ridge(X, Y, "gcv")
+    for l in range(L):
+        Zl, Yc = Z[l].double(), (Y - Y.mean(0)).double()
+        errs = []
+        for lam in RIDGE_GCV_GRID:
+            H = Zl @ torch.linalg.solve(Zl.T @ Zl + lam * N * torch.eye(D, dtype=torch.float64), Zl.T)
+            rss, df = float(((Yc - H @ Yc) ** 2).sum()), float(H.trace()) + 1
+            errs.append(rss / N / (1 - df / N) ** 2)
+        assert gcv.lam[l].item() == pytest.approx(RIDGE_GCV_GRID[int(np.argmin(errs))])
+
+
+def test_bce_equals_dense_full_vocabulary_training():
+    X, Y = _data()
+    L, N, D = X.shape
+    V = Y.shape[1]
+    Z, _, _ = _standardize(X)
+    g = torch.Generator().manual_seed(0)
+    W = torch.zeros(L, D, V, requires_grad=True)
+    prior = Y.mean(0).clamp(1e-6, 1 - 1e-6)
+    b = torch.log(prior / (1 - prior)).expand(L, 1, V).clone().requires_grad_(True)
+    opt = torch.optim.Adam([W, b], lr=0.05)
+    for _ in range(15):
+        perm = torch.randperm(N, generator=g)
+        for start in range(0, N, 16):
+            idx = perm[start: start + 16]
+            logits = Z[:, idx] @ W + b
+            loss = sum(recoverability_loss(logits[i], Y[idx]) for i in range(L))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    dec = fit_bce(X, Y, epochs=15, lr=0.05, batch_size=16)
+    for l in range(L):
+        torch.testing.assert_close(dec.scores(X[l], l), (Z[l] @ W[l] + b[l]).detach(), atol=1e-5, rtol=1e-5)
+
+
+# ---- features ---------------------------------------------------------------------------------------
+
+
+def test_one_pass_features_equal_per_layer_forward_features():
+    from mi_tune.config import ModelConfig
+    from mi_tune.embedding import embed_token_ids, hidden_states, tokenize
+    from mi_tune.modeling import load_model
+    from mi_tune.pooling import pool
+
+    m = load_model(ModelConfig(source=str(TINY)))
+    texts = [json.loads(line)["text"] for line in TINY_CORPUS.read_text().splitlines()[:12]]
+    seqs = tokenize(m.tokenizer, texts, 24)
+    layers = list(range(m.num_hidden_states))
+    one_pass = embed_token_ids(m.model, seqs, m.tokenizer.pad_token_id, layers, "last", batch_size=5)  # (N, L+1, D)
+    for layer in layers:
+        # a separate forward per layer, one unpadded sentence at a time: the naive reference
+        for i, s in enumerate(seqs):
+            ids = torch.tensor([s])
+            mask = torch.ones_like(ids)
+            with torch.no_grad():
+                ref = pool(hidden_states(m.model, ids, mask)[layer], mask, "last")[0]
+            torch.testing.assert_close(torch.from_numpy(one_pass[i, layer]), ref, atol=1e-5, rtol=1e-4)
+        per_layer = embed_token_ids(m.model, seqs, m.tokenizer.pad_token_id, [layer], "last", batch_size=5)[:, 0]
+        np.testing.assert_array_equal(one_pass[:, layer], per_layer)
+
+
+# ---- the probe end to end (tiny model) ------------------------------------------------------------------
+
+
+def _tiny_probe(tmp_path, out, *extra, eval_file=None):
+    eval_file = eval_file or tmp_path / "eval.jsonl"
+    if not eval_file.exists():
+        lines = TINY_CORPUS.read_text().splitlines()
+        eval_file.write_text("\n".join(lines[::-1]) + "\n")
+    return probe_main(["--model", str(TINY), "--train", str(TINY_CORPUS), "--eval", f"{eval_file}#text", "--name", "tiny",
+                       "--train-sentences", "120", "--eval-sentences", "40", "--max-length", "24", "--out", str(out),
+                       f"cache_dir={tmp_path / 'cache'}", "text_metrics_sentences=20", *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("probe")
+    first = _tiny_probe(tmp, tmp / "out1", "--decoder", "ridge")
+    second = _tiny_probe(tmp, tmp / "out2", "--decoder", "ridge")
+    return tmp, first, second
+
+
+def test_probe_output_files_and_rows(tiny_runs):
+    tmp, first, _ = tiny_runs
+    out = tmp / "out1"
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert files == {"probe.csv", "probe.json"} | {f"plots/{p}" for p in PLOTS}
+    rows = first["rows"]
+    assert {r["layer"] for r in rows} == {0, 1, 2, 3}  # all hidden states, 0 = embeddings
+    assert {r["role"] for r in rows} == {"train", "eval"}  # the training set is scored too
+    for r in rows:
+        assert r["depth"] == r["layer"] / 3
+        assert 0.0 <= r["recoverability_acc"] <= 1.0 and 0.0 <= r["cosine"] <= 1.0 and 0.0 <= r["bleu"] <= 100.0
+        assert r["mi_lb_bits"] == pytest.approx(fano_mi_lower_bound_bits(r["recoverability_acc"], r["vocab_size"]))
+        assert r["mi_lb_bits_empirical"] == pytest.approx(
+            fano_mi_lower_bound_bits(r["recoverability_acc"], r["vocab_size"], r["token_entropy_bits"]))
+    saved = json.loads((out / "probe.json").read_text())
+    assert saved["setup"]["data"]["assets/tiny_corpus.jsonl"]["used"] == 120
+    assert len(saved["rows"]) == len(rows) == 4 * 2
+    import csv
+
+    with open(out / "probe.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_cache_hit_gives_identical_results_without_loading_weights(tiny_runs):
+    _, first, second = tiny_runs
+    t1 = first["setup"]["models"]["tiny-llama"]["timings"]
+    t2 = second["setup"]["models"]["tiny-llama"]["timings"]
+    assert t1["base"]["cache_hits"] == 0 and t2["base"]["cache_hits"] == 2
+    assert t2["load_s"] == 0.0  # every feature came from the cache: the weights were never loaded
+    strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
+    assert strip(first["rows"]) == strip(second["rows"])
+
+
+def test_bce_probe_and_layer_selection(tmp_path):
+    res = _tiny_probe(tmp_path, tmp_path / "out", "--decoder", "bce", "--layers", "0,-1", "bce_epochs=3")
+    assert {r["layer"] for r in res["rows"]} == {0, 3} and {r["decoder"] for r in res["rows"]} == {"bce"}
+
+
+def test_adapter_probe_gives_before_and_after(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(TINY)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 1], init_lora_weights=False)
+    get_peft_model(base, cfg).save_pretrained(tmp_path / "adapter")
+    plain = _tiny_probe(tmp_path, tmp_path / "plain", "--decoder", "ridge", "--layers", "0,1,3")
+    res = _tiny_probe(tmp_path, tmp_path / "out", "--decoder", "ridge", "--layers", "0,1,3", "--adapter", str(tmp_path / "adapter"))
+    assert (tmp_path / "out" / "plots" / "base_vs_adapter_tiny-llama.png").exists()
+    timings = res["setup"]["models"]["tiny-llama"]["timings"]
+    assert timings["base"]["cache_hits"] == 2 and timings["adapter"]["cache_hits"] == 0  # base features shared with the plain run
+    base = [r for r in res["rows"] if r["variant"] == "base"]
+    after = [r for r in res["rows"] if r["variant"] == "adapter"]
+    assert [r["recoverability_acc"] for r in base] == [r["recoverability_acc"] for r in plain["rows"]]
+    # the embeddings (layer 0) are not adapted; the adapted blocks change what the decoder sees
+    assert after[0]["recoverability_acc"] == base[0]["recoverability_acc"]
+    assert any(a["cosine"] != b["cosine"] for a, b in zip(after, base) if a["layer"] > 0)
+
+
+# ---- user errors and suite files ----------------------------------------------------------------------
+
+
+def test_bad_layer_is_a_house_error_with_exit_code_2(tmp_path):
+    (tmp_path / "e.jsonl").write_text(TINY_CORPUS.read_text())
+    res = run_cli("mi_tune.eval", "probe", "--model", str(TINY), "--train", str(TINY_CORPUS), "--eval", str(tmp_path / "e.jsonl") + "#text",
+                  "--name", "x", "--layers", "0,7", "--out", str(tmp_path / "o"), f"cache_dir={tmp_path}", "eval_sentences=5",
+                  "train_sentences=5", "--max-length", "8", timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "layer=7 is out of range" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_suite_errors_are_reported_at_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: probe\nmodels: []\ntrain: {source: x.jsonl}\neval: [{source: y.jsonl, feild: text}]\ndecoder: lasso\n")
+    with pytest.raises(UserError) as exc:
+        load_suite(bad)
+    msg = str(exc.value)
+    assert "eval[0].feild" in msg and "decoder" in msg and "models" in msg and "3 problem(s)" in msg
+
+
+SUITES = sorted((ROOT / "eval").glob("probe*.yaml")) + sorted((ROOT / "eval").glob("paper-probe*.yaml"))
+
+
+@pytest.mark.parametrize("path", SUITES, ids=lambda p: p.name)
+def test_shipped_suites_validate_and_open_with_their_command(path):
+    suite, models, train, evals = load_suite(path)
+    assert suite.task == "probe" and models and train.source and evals
+    head = path.read_text().split("\n\n")[0]
+    assert head.startswith("#") and f"python -m mi_tune.eval eval/{path.name}" in head
+
+
+def test_cpu_suite_data_paths_resolve_under_the_data_root(monkeypatch, tmp_path):
+    suite, _, train, evals = load_suite(ROOT / "eval" / "probe-cpu.yaml")
+    monkeypatch.delenv("MI_TUNE_DATA_ROOT", raising=False)
+    root = resolve_data_root(suite, str(tmp_path))  # --data-root wins
+    assert root == tmp_path
+    assert resolve_source(train.source, root) == str(tmp_path / train.source)
+    assert resolve_source("fancyzhx/ag_news", root) == "fancyzhx/ag_news"  # Hub names stay Hub names
+    monkeypatch.setenv("MI_TUNE_DATA_ROOT", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="MI_TUNE_DATA_ROOT"):
+        resolve_data_root(suite, None)
+    if SHARED_DATA.is_dir():
+        monkeypatch.setenv("MI_TUNE_DATA_ROOT", str(SHARED_DATA))
+        root = resolve_data_root(suite, None)
+        assert all(Path(resolve_source(d.source, root)).is_file() for d in [train, *evals])
+
+
+# ---- one real model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs the shared evaluation data")
+def test_real_encoder_recovers_tokens_far_above_chance(tmp_path):
+    """MiniLM-L6 on DBpedia -> AG News: a real encoder's pooled vectors carry many of the sentence's tokens."""
+    res = probe_main(["--model", MINILM, "--train", str(SHARED_DATA / "dbpedia14" / "train_sample.jsonl"),
+                      "--eval", str(SHARED_DATA / "ag_news" / "test.jsonl"), "--name", "minilm", "--decoder", "ridge",
+                      "--train-sentences", "300", "--eval-sentences", "60", "--max-length", "32", "--out", str(tmp_path / "o"),
+                      f"cache_dir={tmp_path / 'cache'}", "text_metrics_sentences=30"])
+    evals = [r for r in res["rows"] if r["role"] == "eval"]
+    assert len(evals) == 7  # 6 blocks + embeddings
+    best = max(r["recoverability_acc"] for r in evals)
+    chance = 30 / 30522  # about k/|V| for bags of ~30 tokens
+    assert best > 100 * chance and best > 0.2
+    train = [r for r in res["rows"] if r["role"] == "train"]
+    assert max(r["recoverability_acc"] for r in train) >= best  # in-sample is at least as good
+
+
+def test_tracking_logs_each_layer_as_a_step_and_the_plots(tmp_path, monkeypatch):
+    import mi_tune.tracking as tracking
+
+    calls = {"metrics": [], "artifacts": [], "ended": None}
+
+    class Recorder(tracking.NullTracker):
+        def log_metrics(self, metrics, step=None):
+            calls["metrics"].append((step, metrics))
+
+        def log_artifact(self, path, artifact_path=None):
+            calls["artifacts"].append(Path(path).name)
+
+        def end(self, status="FINISHED"):
+            calls["ended"] = status
+
+    monkeypatch.setattr(tracking, "start_tracking", lambda settings, *a, **k: Recorder() if settings.enabled else tracking.NullTracker())
+    _tiny_probe(tmp_path, tmp_path / "out", "--decoder", "ridge", "--layers", "0,2", "--tracking")
+    steps = sorted({step for step, _ in calls["metrics"]})
+    assert steps == [0, 2]
+    keys = {k for _, m in calls["metrics"] for k in m}
+    assert "tiny-llama.base/assets/tiny_corpus.jsonl/recoverability_acc" in keys
+    assert {"probe.csv", "probe.json", "recoverability_acc.png"} <= set(calls["artifacts"]) and calls["ended"] == "FINISHED"
