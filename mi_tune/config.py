@@ -81,7 +81,9 @@ class LoraSettings:
 class HeadSettings:
     learning_rate: float = 1e-3  # the head's own learning rate (adapters use training.learning_rate)
     weight_decay: float = 0.0
-    init: Literal["prior", "zeros"] = "prior"  # prior: bias = logit(bag density); see head.py
+    init: Literal["fit", "prior", "zeros"] = "fit"  # fit: warm start, a BCE decoder fitted on frozen base features (see train.py)
+    warm_start_sentences: int = 512  # training sentences for the `fit` warm start
+    warm_start_epochs: int = 20
 
 
 @dataclass

@@ -37,7 +37,8 @@ class RecoverabilityHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Our default ("prior"): W = 0 and every bias = logit(k/|V|), the log-odds of a token being
+        # ("fit", our default, starts here and then loads a decoder fitted on frozen base features:
+        # train.py.) ("prior"): W = 0 and every bias = logit(k/|V|), the log-odds of a token being
         # in a bag of the expected size. The first step then starts from the right base rate
         # instead of p = 0.5 for 49k tokens (a huge, uninformative initial loss), and W = 0 makes
         # the early gradient reach the adapters only through what the head learns.
@@ -47,6 +48,19 @@ class RecoverabilityHead(nn.Module):
             nn.init.constant_(self.decoder.bias, math.log(p / (1 - p)))
         else:
             nn.init.zeros_(self.decoder.bias)
+
+    @torch.no_grad()
+    def load_decoder(self, dec, layer_index: int = 0) -> None:
+        """Copy a fitted ``decoders.LinearDecoders`` (z-scored features) into this head, folding the
+        standardisation in: W' = W / std, b' = b - (mean / std) W."""
+        from .decoders import expand_scores
+
+        # the decoder stores columns for the ids seen in training plus one shared column: expand to (D, V)
+        W = expand_scores(dec.W[layer_index], dec.active, dec.vocab_size) / dec.std[layer_index].reshape(-1, 1)  # (D, V)
+        b = expand_scores(dec.b[layer_index], dec.active, dec.vocab_size).reshape(-1) \
+            - (dec.mean[layer_index].reshape(1, -1) @ W).reshape(-1)  # (V,)
+        self.decoder.weight.copy_(W.T.to(self.decoder.weight))
+        self.decoder.bias.copy_(b.to(self.decoder.bias))
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         return self.decoder(embedding.to(self.decoder.weight.dtype))  # (B, D) -> (B, V)

@@ -128,31 +128,52 @@ def dry_run(recipe: Recipe) -> None:
         print(f"  {name}")
 
 
-def heldout_check(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_ids) -> dict:
-    """Base vs enhanced, measured the same way: a fresh linear decoder on frozen features of each."""
+def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_ids, n_train: int):
+    """Frozen base-model features (adapters disabled) of the check's sentences, computed once before training.
+
+    Returns seqs, features (1, N, D) and bags (N, V) for {"train", "heldout"}. The same base features serve the
+    head's warm start and the base row of the final check.
+    """
     import torch
 
-    from .decoders import bags_from_ids, evaluate_scores, fit_bce, fit_ridge
+    from .decoders import bags_from_ids
     from .embedding import embed_token_ids, tokenize
 
     s = recipe.check
-    train_texts = corpus.train[: s.train_sentences]
-    eval_texts = corpus.eval[-s.eval_sentences:]
-    seq_tr = tokenize(tokenizer, train_texts, recipe.data.max_length)
-    seq_ev = tokenize(tokenizer, eval_texts, recipe.data.max_length)
-    V = head_cfg.vocab_size
-    y_tr, y_ev = bags_from_ids(seq_tr, V, exclude_ids), bags_from_ids(seq_ev, V, exclude_ids)
+    out = {}
+    for name, texts in (("train", corpus.train[:n_train]), ("heldout", corpus.eval[-s.eval_sentences:])):
+        seqs = tokenize(tokenizer, texts, recipe.data.max_length)
+        with model.disable_adapter():
+            f = embed_token_ids(model, seqs, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"base features ({name})")
+        out[name] = (seqs, torch.from_numpy(f).transpose(0, 1), bags_from_ids(seqs, head_cfg.vocab_size, exclude_ids))
+    return out
+
+
+def heldout_check(model, tokenizer, base: dict, recipe: Recipe, head_cfg) -> dict:
+    """Base vs enhanced, measured the same way: a fresh linear decoder on frozen features of each."""
+    import torch
+
+    from .decoders import evaluate_scores, fit_bce, fit_ridge
+    from .embedding import embed_token_ids
+
+    s = recipe.check
+    n_tr = min(s.train_sentences, len(base["train"][0]))
     results = {}
     for name in ("base", "enhanced"):
-        ctx = model.disable_adapter() if name == "base" else _nullcontext()
-        with ctx:
-            f_tr = embed_token_ids(model, seq_tr, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"features ({name}, train)")
-            f_ev = embed_token_ids(model, seq_ev, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"features ({name}, held-out)")
-        X_tr, X_ev = torch.from_numpy(f_tr).transpose(0, 1), torch.from_numpy(f_ev).transpose(0, 1)  # (1, N, D)
-        dec = fit_ridge(X_tr, y_tr, s.ridge_lambda) if s.decoder == "ridge" else fit_bce(X_tr, y_tr)
-        results[name] = evaluate_scores(dec.scores(X_ev[0], 0), y_ev, V, linear=s.decoder == "ridge")
-    results["setup"] = {"decoder": s.decoder, "train_sentences": len(train_texts), "heldout_sentences": len(eval_texts),
-                        "layer": head_cfg.layer, "pooling": head_cfg.pooling, "vocab_size": V}
+        feats = {}
+        for split in ("train", "heldout"):
+            seqs, X, Y = base[split]
+            if split == "train":
+                seqs, X, Y = seqs[:n_tr], X[:, :n_tr], Y[:n_tr]
+            if name == "enhanced":
+                f = embed_token_ids(model, seqs, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"enhanced features ({split})")
+                X = torch.from_numpy(f).transpose(0, 1)  # (1, N, D)
+            feats[split] = (X, Y)
+        (X_tr, Y_tr), (X_ev, Y_ev) = feats["train"], feats["heldout"]
+        dec = fit_ridge(X_tr, Y_tr, s.ridge_lambda) if s.decoder == "ridge" else fit_bce(X_tr, Y_tr)
+        results[name] = evaluate_scores(dec.scores(X_ev[0], 0), Y_ev, head_cfg.vocab_size, linear=s.decoder == "ridge")
+    results["setup"] = {"decoder": s.decoder, "train_sentences": n_tr, "heldout_sentences": int(base["heldout"][1].shape[1]),
+                        "layer": head_cfg.layer, "pooling": head_cfg.pooling, "vocab_size": head_cfg.vocab_size}
     return results
 
 
@@ -272,6 +293,20 @@ def main(argv: list[str] | None = None) -> None:
         eval_cap = recipe.data.max_eval_samples or len(corpus.eval)
         eval_ds = tokenize_corpus(tok, corpus.eval[:eval_cap], recipe.data.max_length, corpus.stats, "eval")
 
+        # ---- base features, once: the head's warm start and the base row of the final check ----
+        base = None
+        need_warm = recipe.head.init == "fit" and resume is None
+        if need_warm or (recipe.check.enabled and main_proc):
+            n = max(recipe.check.train_sentences if recipe.check.enabled else 0, recipe.head.warm_start_sentences if need_warm else 0)
+            base = base_features(peft_model, tok, corpus, recipe, head.config, exclude, n)
+        if need_warm:
+            from .decoders import fit_bce
+
+            seqs, X, Y = base["train"]
+            k = recipe.head.warm_start_sentences
+            head.load_decoder(fit_bce(X[:, :k], Y[:k], epochs=recipe.head.warm_start_epochs, lr=1e-2, seed=recipe.seed))
+            log(f"head: warm start from a BCE decoder fitted on frozen base features of {min(k, X.shape[1])} training sentences")
+
         # ---- trainer ----
         trainer = RecoverabilityTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                         data_collator=PadCollator(tok.pad_token_id), callbacks=[TrackingCallback(tracker)],
@@ -301,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # ---- held-out check: base vs enhanced, fresh decoders on frozen features ----
         if recipe.check.enabled:
-            final["heldout_check"] = heldout_check(peft_model, tok, corpus, recipe, head.config, exclude)
+            final["heldout_check"] = heldout_check(peft_model, tok, base, recipe, head.config)
             print_check(final["heldout_check"])
             flat = {f"heldout_{m}_{k}": v for m in ("base", "enhanced") for k, v in final["heldout_check"][m].items()}
             tracker.log_metrics(flat, step=trainer.state.global_step)

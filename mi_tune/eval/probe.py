@@ -666,8 +666,8 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
             h = ModelHandle(spec)
             layers = resolve_layers(suite.layers, h)
             seqs = {ts.name: tokenize(h.tokenizer, ts.texts, suite.max_length) for ts in text_sets}
-            truncated = {ts.name: int(sum(len(s) > suite.max_length for s in h.tokenizer(ts.texts, add_special_tokens=True)["input_ids"]))
-                         for ts in text_sets}
+            truncated = {ts.name: int(sum(len(s) > suite.max_length for s in h.tokenizer(ts.texts, verbose=False)["input_ids"]))
+                         for ts in text_sets}  # counted on the untruncated ids (verbose=False: no over-length warning)
             sets = [scored_set(ts.name, ts.role, seqs[ts.name], h.vocab_size, h.exclude_ids) for ts in text_sets]
             log(f"{h.label}: {h.kind}, {h.num_blocks} blocks, |V| = {h.vocab_size}, {h.pooling} pooling, layers {layers[0]}..{layers[-1]} "
                 f"({len(layers)}); truncated to {suite.max_length} tokens: {truncated}")
