@@ -36,6 +36,7 @@ class ModelConfig:
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    bnb_4bit_quant_storage: Optional[Literal["uint8", "bfloat16", "float16", "float32"]] = None  # bfloat16 for FSDP/DeepSpeed QLoRA
     trust_remote_code: bool = False  # off unless the recipe turns it on (announced when on)
     attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 | null (library default)
     kind: Literal["auto", "decoder", "encoder"] = "auto"  # auto: from the config (is_decoder / causal LM)

@@ -113,11 +113,15 @@ def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = dtype if cfg.bnb_4bit_compute_dtype == "auto" else DTYPES[cfg.bnb_4bit_compute_dtype]
+    extra = {}
+    if cfg.bnb_4bit_quant_storage:  # FSDP / DeepSpeed shard the 4-bit weights only if stored as the compute dtype
+        extra["bnb_4bit_quant_storage"] = {"uint8": torch.uint8, **DTYPES}[cfg.bnb_4bit_quant_storage]
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute,
+        **extra,
     )
 
 
