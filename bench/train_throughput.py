@@ -116,9 +116,21 @@ def worker(which: str, a) -> dict:
         from trl import SFTConfig, SFTTrainer
 
         ds = Dataset.from_dict({"text": texts})
-        args = SFTConfig(**common, max_length=a.seq_len, packing=False, dataset_text_field="text")
-        trainer = SFTTrainer(model=loaded.model, args=args, train_dataset=ds, processing_class=tok,
-                             peft_config=lora_config(lora, loaded.num_blocks, loaded.kind, loaded.model), callbacks=[CB()])
+        from peft import get_peft_model
+
+        # GGUF weights were de-quantized to float32 at load; the leftover GGUF quantizer marker makes the
+        # Trainer refuse to train, so drop it (mi_tune's wrapper model is not a PreTrainedModel and is not checked)
+        loaded.model.hf_quantizer = None
+        loaded.model.is_quantized = False
+
+        # the same LoRA config, applied up front (GGUF-loaded weights are flagged as quantized and the
+        # Trainer refuses to train them unless the model is already a PeftModel)
+        if a.gradient_checkpointing:
+            loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            loaded.model.enable_input_require_grads()
+        peft = get_peft_model(loaded.model, lora_config(lora, loaded.num_blocks, loaded.kind, loaded.model))
+        args = SFTConfig(**{**common, "gradient_checkpointing": False}, max_length=a.seq_len, packing=False, dataset_text_field="text")
+        trainer = SFTTrainer(model=peft, args=args, train_dataset=ds, processing_class=tok, callbacks=[CB()])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with PeakSampler() as peak:

@@ -55,7 +55,7 @@ class RunView:
 def open_client(tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
-    from .tracking import _quiet_mlflow, check_reachable, default_uri, strip_userinfo
+    from .tracking import check_reachable, default_uri, quiet_mlflow, strip_userinfo
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
@@ -63,7 +63,7 @@ def open_client(tracking_uri: str | None):
                         f"the folder you trained from), or a server. Fix: run from that folder, or pass --tracking-uri "
                         f"sqlite:///path/to/mlruns.db or http://host:5000.")
     check_reachable(uri)
-    _quiet_mlflow(uri)
+    quiet_mlflow(uri)
     return MlflowClient(tracking_uri=uri), strip_userinfo(uri)
 
 
@@ -121,8 +121,11 @@ def _num(value: str):
 
 
 def differing_params(runs: list[RunView]) -> list[str]:
-    keys = sorted({k for r in runs for k in r.params} - IGNORED_PARAMS)
-    return [k for k in keys if len({_num(r.params.get(k)) for r in runs}) > 1]
+    """Params whose values differ between runs; a param missing from a run that logged others counts as a
+    difference (the recipe schema changed), a run that logged no params at all (it died early) does not."""
+    logged = [r for r in runs if r.params]
+    keys = sorted({k for r in logged for k in r.params} - IGNORED_PARAMS)
+    return [k for k in keys if len({_num(r.params.get(k)) for r in logged}) > 1]
 
 
 def choose_metrics(runs: list[RunView], requested: list[str] | None) -> list[str]:

@@ -255,8 +255,10 @@ def _training_arg_hints() -> dict:
 def _validate_training(training: dict, errors: list[str]) -> None:
     fields = _training_arg_fields()
     hints = _training_arg_hints()
-    for key, value in training.items():
+    for key, value in list(training.items()):
         path = f"training.{key}"
+        if value is False and key.endswith("_strategy"):  # YAML 1.1 reads a bare `no` as false
+            training[key] = value = "no"
         if key in MANAGED_TRAINING_FIELDS:
             errors.append(field_error(path, value, "any TrainingArguments field except " + ", ".join(sorted(MANAGED_TRAINING_FIELDS)),
                                       "remove it: mi_tune sets it (the run folder is output_root/run_name)"))

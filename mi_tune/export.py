@@ -9,7 +9,8 @@
 What the folder computes is what ``mi_tune.embedding.embed_texts`` computes for the same model,
 adapter, layer, pooling and max length: the LoRA weights are merged into the base (W + BA), the
 model is cut after the chosen layer (encoders without a final norm only; otherwise the layer must be
-the last one) and the Pooling module gets the same mode. No Normalize module is added (mi_tune's
+the last one), the Pooling module gets the same mode, and the tokenizer is saved without its chat
+template (sentence-transformers would otherwise wrap every text in it). No Normalize module is added (mi_tune's
 embeddings are not normalised; cosine similarity does not care). ``mi_tune_export.json`` records the
 source model, adapter, layer, pooling and max length.
 """
@@ -40,8 +41,12 @@ def _drop_blocks_after(state: dict, keep: int) -> dict:
 
 
 def export_sentence_transformers(out_dir: str | Path, model=None, adapter: str | None = None, *, layer: int | None = None,
-                                 pooling: str | None = None, max_length: int = 256, overwrite: bool = False) -> Path:
-    """Write a SentenceTransformer folder; returns its path. Layer/pooling default to the adapter head's, else the model's."""
+                                 pooling: str | None = None, max_length: int = 256, overwrite: bool = False, ready=None) -> Path:
+    """Write a SentenceTransformer folder; returns its path. Layer/pooling default to the adapter head's, else the model's.
+
+    ``ready``: an already loaded ``ReadyModel`` to export instead of loading ``model``/``adapter`` (an adapter
+    in it is merged in place).
+    """
     from transformers import AutoModel
 
     try:
@@ -58,7 +63,8 @@ def export_sentence_transformers(out_dir: str | Path, model=None, adapter: str |
         raise UserError(field_error("--out", str(out), "a new or empty folder", "choose another folder or pass --overwrite"))
 
     # ---- model (+ adapter, merged) ----
-    ready = load_ready(model, adapter)
+    ready = ready if ready is not None else load_ready(model, adapter)
+    adapter = adapter or ready.adapter
     loaded = ready.loaded
     default_layer, default_pooling = ready.default_layer_pooling()
     layer = check_layer(default_layer if layer is None else layer, loaded.num_hidden_states, loaded.location.spec)
@@ -96,7 +102,13 @@ def export_sentence_transformers(out_dir: str | Path, model=None, adapter: str |
     # ---- write ----
     with tempfile.TemporaryDirectory(prefix="mi_tune_export_") as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
+        tok = copy.deepcopy(loaded.tokenizer)
+        # No chat template in the export: sentence-transformers would wrap every input in it (system prompt
+        # and all), while mi_tune embeds the raw text. The exported body has no LM head to chat with anyway.
+        tok.chat_template = None
+        tok.save_pretrained(tmp)
+        for leftover in Path(tmp).glob("chat_template.*"):
+            leftover.unlink()
         st = SentenceTransformer(modules=[Transformer(tmp, max_seq_length=max_length),
                                           Pooling(text_config.hidden_size, pooling_mode=ST_POOLING[pooling])], device="cpu")
         if out.exists() and overwrite:

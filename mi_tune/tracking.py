@@ -159,7 +159,8 @@ def _health(uri: str, timeout: float) -> tuple[bool, str]:
         return False, str(getattr(exc, "reason", exc))
 
 
-def _quiet_mlflow(uri: str) -> None:
+def quiet_mlflow(uri: str) -> None:
+    """Lower MLflow's log level; for a server, short HTTP retries (what cannot be sent is kept, see HTTP_RETRY_DEFAULTS)."""
     import logging
 
     import mlflow  # noqa: F401  (importing it sets its loggers to INFO; lower them after)
@@ -453,7 +454,7 @@ def start_tracking(settings: TrackingSettings, run_name: str, run_dir: Path, tag
             f"{default_uri()} (tagged mi_tune.tracking_fallback_from)")
         tags = {**tags, "mi_tune.tracking_fallback_from": strip_userinfo(uri)}
         uri, run_id = default_uri(), None
-    _quiet_mlflow(uri)
+    quiet_mlflow(uri)
     try:
         tracker = MlflowTracker.open(uri, settings.experiment, run_name, tags, Path(run_dir) / UNSENT_FILE, run_id)
     except UserError:
@@ -494,7 +495,7 @@ def reopen_run(run_dir, child: str | None = None, tags: dict | None = None):
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         log(f"tracking: the store of {run_dir} ({uri}) is not on this machine; results are not tracked")
         return NullTracker()
-    _quiet_mlflow(uri)
+    quiet_mlflow(uri)
     parent = MlflowTracker(uri, run_id, run_dir / UNSENT_FILE, owns_run=False)
     try:
         run = parent.client.get_run(run_id)
@@ -657,35 +658,39 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> AdapterEmb
 def sync_unsent(path: str | Path, run_id: str | None = None, uri: str | None = None) -> int:
     """Replay a ``tracking_unsent.jsonl`` file. Returns the number of records sent.
 
-    Each record names its run and (credential-free) store; ``run_id`` / ``uri`` override them. On
-    success the file is renamed ``tracking_unsent.synced-<time>.jsonl``; on failure the records not
-    yet sent stay in the file, so running the same command again is safe.
+    Each record names its run and (credential-free) store; ``run_id`` / ``uri`` override them. A store
+    that does not answer stops the sync; a record the store refuses is kept and the others go on. What
+    was not sent stays in the file, so running the same command again is safe; once everything is
+    sent the file is renamed ``tracking_unsent.synced-<time>.jsonl``.
     """
     path = Path(path)
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     trackers: dict[tuple, MlflowTracker] = {}
-    sent = 0
+    kept, errors, sent = [], [], 0
     for i, rec in enumerate(records):
         target = (run_id or rec["run_id"], uri or rec["uri"])
         try:
             if target not in trackers:
-                _quiet_mlflow(target[1])
+                quiet_mlflow(target[1])
                 t = MlflowTracker(target[1], target[0], path, owns_run=False)
                 t.client.get_run(target[0])  # fails clearly if the run is not in that store
                 trackers[target] = t
             trackers[target]._do(rec)
+            sent += 1
         except Exception as exc:
-            rest = records[i:]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rest))
-            os.replace(tmp, path)
-            raise UserError(f"sync: sent {sent} record(s), then {rec['kind']} for run {target[0]} at {strip_userinfo(target[1])} failed "
-                            f"({type(exc).__name__}: {str(exc).strip()[:300]}). {len(rest)} record(s) remain in {path}. Allowed: the "
-                            f"store that holds the run. Fix: start the server (or pass --tracking-uri / --run-id) and run the same "
-                            f"command again.") from None
-        sent += 1
-    done = path.with_name(f"{path.stem}.synced-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-    os.replace(path, done)
+            errors.append(f"{rec['kind']} for run {target[0]} at {strip_userinfo(target[1])}: {type(exc).__name__}: {str(exc).strip()[:300]}")
+            if is_http(target[1]) and not _health(target[1], timeout=5)[0]:
+                kept += records[i:]  # the server is gone: stop here, keep the rest in order
+                break
+            kept.append(rec)
+    if kept:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+        raise UserError(f"sync: sent {sent} record(s); {len(kept)} record(s) remain in {path}. First problem: {errors[0]}. Allowed: "
+                        f"the store that holds the run, answering. Fix: start the server (or pass --tracking-uri / --run-id) and "
+                        f"run the same command again.")
+    os.replace(path, path.with_name(f"{path.stem}.synced-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
     return sent
 
 

@@ -141,7 +141,8 @@ def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_id
 
     s = recipe.check
     out = {}
-    for name, texts in (("train", corpus.train[:n_train]), ("heldout", corpus.eval[-s.eval_sentences:])):
+    splits = [("train", corpus.train[:n_train])] + ([("heldout", corpus.eval[-s.eval_sentences:])] if s.enabled else [])
+    for name, texts in splits:
         seqs = tokenize(tokenizer, texts, recipe.data.max_length)
         with model.disable_adapter():
             f = embed_token_ids(model, seqs, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"base features ({name})")

@@ -3,11 +3,13 @@
 ``start()`` returns at once (the server takes tens of seconds to import on a busy 2-core machine),
 ``wait()`` blocks until /health answers, ``kill()`` SIGKILLs the whole process group (a crash, not a
 shutdown), ``restart()`` starts it again on the same port, database and artifact folder.
-``shared_server()`` is one server for the whole session, started on first use, killed at session end.
+``mlflow_server`` is one server for the whole session, started on first use (``mlflow_server_boot``
+starts it without waiting), killed at session end.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -85,16 +87,23 @@ _SHARED: MlflowServer | None = None
 
 
 def shared_server(tmp_path_factory) -> MlflowServer:
-    """Start (once) the session's server; does not wait for it (call it early, ``.wait()`` when needed)."""
+    """Start (once) the session's server; does not wait for it."""
     global _SHARED
     if _SHARED is None:
         _SHARED = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+        atexit.register(_SHARED.kill)  # backstop: never leave a server behind, even if teardown is skipped
     return _SHARED
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """The session's server, healthy. Test modules import this fixture; the server is started once."""
+def mlflow_server_boot(tmp_path_factory):
+    """The session's server, starting (not yet healthy). Request it early so that it boots while other tests run."""
     server = shared_server(tmp_path_factory)
-    yield server.wait()
+    yield server
     server.kill()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_boot):
+    """The session's server, healthy."""
+    return mlflow_server_boot.wait()

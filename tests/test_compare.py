@@ -11,7 +11,7 @@ from mi_tune.compare import main as compare_main
 from mi_tune.tracking import MlflowTracker
 
 from .conftest import run_cli
-from .mlflow_server import mlflow_server, shared_server  # noqa: F401  (fixture)
+from .mlflow_server import mlflow_server, mlflow_server_boot  # noqa: F401  (fixtures)
 
 LRS = [1e-4, 3e-4, 1e-3]
 HELDOUT = [0.30, 0.35, 0.25]  # best is the middle learning rate
@@ -20,8 +20,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _boot_server(tmp_path_factory):
-    shared_server(tmp_path_factory)  # boots while the embedded-store tests run
+def _boot_server(mlflow_server_boot):
+    """Start the server now, without waiting: it boots while the embedded-store tests run."""
 
 
 def make_runs(uri: str, experiment: str, scratch: Path) -> dict[str, str]:
@@ -147,3 +147,14 @@ def test_compare_on_a_server(mlflow_server, tmp_path):
     assert len(logged) == 1 and set(logged[0].data.params["compared_runs"].split(",")) == set(ids.values())
     local = client.download_artifacts(logged[0].info.run_id, "layer_curves.png")  # through the server's artifact proxy
     assert Path(local).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_differing_params_ignore_runs_that_logged_none():
+    from mi_tune.compare import RunView, differing_params
+
+    def view(name, params):
+        return RunView(name, name, "FINISHED", "0", params, {})
+
+    runs = [view("a", {"lr": "1e-4", "r": "4", "run_name": "a"}), view("b", {"lr": "0.0001", "r": "8", "run_name": "b"}),
+            view("c", {"lr": "3e-4", "r": "8", "head.init": "fit"}), view("died-early", {})]
+    assert differing_params(runs) == ["head.init", "lr", "r"]  # 1e-4 == 0.0001; run_name is its own column

@@ -12,7 +12,7 @@ import torch
 
 from mi_tune.decoders import RIDGE_GCV_GRID, _standardize, fit_bce, fit_ridge
 from mi_tune.errors import UserError
-from mi_tune.eval.probe import (MISS, compact_bags, compact_metrics, load_suite, main as probe_main, recovered_list,
+from mi_tune.eval.probe import (MISS, compact_bags, compact_metrics, load_suite, main as probe_main, prior_accuracy, recovered_list,
                                 resolve_data_root, resolve_source, scored_set, text_scores)
 from mi_tune.losses import recoverability_loss
 from mi_tune.metrics import bag_cosine, fano_mi_lower_bound_bits, recoverability_accuracy
@@ -88,6 +88,16 @@ def test_compact_metrics_tie_block_by_hand():
     # the block ranks below every seen id when its score is lowest
     acc2, *_ = compact_metrics(torch.tensor([[2.0, 1.0, 0.5, -5.0]]), ya, u, unseen=3, linear=True)
     assert acc2.item() == pytest.approx(0.5)  # top-2 = ids 0 and 1: one hit
+
+
+def test_prior_baseline_ranks_by_training_frequency():
+    V = 6
+    train = scored_set("t", "train", [[1, 2, 3], [1, 2], [1]], V, [0])  # document frequency: id 1: 3, id 2: 2, id 3: 1
+    ev = scored_set("e", "eval", [[1, 3], [5, 4]], V, [0])
+    active = torch.tensor([1, 2, 3])
+    ya, u = compact_bags(ev.bags, active)
+    # sentence 1: top-2 = {1, 2}, one hit; sentence 2: top-2 = {1, 2}, no hit (ids 4, 5 never seen, frequency 0)
+    assert prior_accuracy(train.bags.float(), active, ya, u, V) == pytest.approx((0.5 + 0.0) / 2)
 
 
 @pytest.mark.parametrize("decoder", ["ridge", "bce"])

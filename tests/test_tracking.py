@@ -26,7 +26,7 @@ from mi_tune.tracking import (SECRET_KEY, MlflowTracker, NullTracker, main as tr
                               reopen_run, strip_userinfo)
 
 from .conftest import ROOT, TINY, TINY_CORPUS, run_cli
-from .mlflow_server import free_port, mlflow_server, shared_server  # noqa: F401  (fixture)
+from .mlflow_server import free_port, mlflow_server, mlflow_server_boot  # noqa: F401  (fixtures)
 
 TINY_RECIPE = ROOT / "recipes" / "tiny.yaml"
 ABSOLUTE = [f"model.source={TINY}", f"data.source={TINY_CORPUS}"]  # the embedded tests train from a temporary cwd
@@ -36,8 +36,8 @@ SECRETS = {"HF_TOKEN": "hf_TESTSECRET_hub_1234", "MLFLOW_TRACKING_PASSWORD": "pw
 TEXTS = ["the cat sat on the mat", "stocks fell sharply on monday after the report"]
 
 @pytest.fixture(scope="module", autouse=True)
-def _boot_server(tmp_path_factory):
-    shared_server(tmp_path_factory)  # starts now, without waiting: it boots while the embedded-store tests run
+def _boot_server(mlflow_server_boot):
+    """Start the server now, without waiting: it boots while the embedded-store tests run."""
 
 
 def _train(output_root: Path, *overrides: str) -> None:
@@ -243,6 +243,19 @@ def test_sync_errors_are_clear(tmp_path, monkeypatch, capsys):
     assert json.loads(unsent.read_text()) == record  # nothing lost
 
 
+def test_sync_keeps_a_refused_record_and_sends_the_others(embedded_run, tmp_path, capsys):
+    good = {"kind": "metrics", "step": 99, "timestamp": 1, "metrics": {"synced_probe_value": 1.5}, "run_id": embedded_run.run_id,
+            "uri": embedded_run.uri}
+    refused = {**good, "run_id": "0" * 32}  # no such run in that store
+    unsent = tmp_path / "tracking_unsent.jsonl"
+    unsent.write_text(json.dumps(refused) + "\n" + json.dumps(good) + "\n")
+    with pytest.raises(SystemExit) as e:
+        tracking_main(["sync", str(tmp_path)])  # the run folder works as well as the file
+    assert e.value.code == 2 and "sent 1 record(s); 1 record(s) remain" in capsys.readouterr().err
+    assert [json.loads(line) for line in unsent.read_text().splitlines()] == [refused]
+    assert _client(embedded_run.uri).get_run(embedded_run.run_id).data.metrics["synced_probe_value"] == 1.5
+
+
 # ---------------------------------------------------------------------------------------------
 # a real server
 
@@ -293,7 +306,7 @@ def test_server_killed_mid_training_then_synced(mlflow_server, tmp_path, capsys)
 
     server = mlflow_server
     client = _client(server.uri)
-    max_steps = 60
+    max_steps = 40
     run_dir = tmp_path / "runs" / "tiny"
     cmd = [sys.executable, "-m", "mi_tune.train", str(TINY_RECIPE), f"output_root={tmp_path / 'runs'}", "tracking.enabled=true",
            f"tracking.tracking_uri={server.uri}", f"training.max_steps={max_steps}", "training.eval_strategy='no'",

@@ -70,7 +70,7 @@ METRICS = {  # key -> axis label (with units); order = plot and table order
     "mi_lb_bits_empirical": "Fano lower bound on I(T;E), empirical H(T) (bits)",
 }
 COLUMNS = ["model", "variant", "kind", "pooling", "decoder", "layer", "num_blocks", "depth", "set", "role", "sentences",
-           "text_metric_sentences", "vocab_size", "token_entropy_bits", *METRICS, "ridge_lambda", "source", "adapter"]
+           "text_metric_sentences", "vocab_size", "token_entropy_bits", *METRICS, "prior_acc", "ridge_lambda", "source", "adapter"]
 
 
 # =============================================================================================
@@ -133,7 +133,8 @@ def _label(source: str) -> str:
     parts = [p for p in source.rstrip("/").split("/") if p]
     if not parts:
         return source
-    return parts[-2] if parts[-1].lower() in ("model", "models", "weights") and len(parts) > 1 else parts[-1]
+    name = parts[-2] if parts[-1].lower() in ("model", "models", "weights") and len(parts) > 1 else parts[-1]
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
 
 
 def suite_from_dict(data: dict, source: str = "probe suite") -> tuple[ProbeSuite, list[ProbeModel], ProbeData, list[ProbeData]]:
@@ -453,6 +454,17 @@ def compact_bags(bags: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor
     return ya, (bags.sum(1, dtype=torch.float32) - ya.sum(1, dtype=torch.float32))
 
 
+def prior_accuracy(Y_train: torch.Tensor, active: torch.Tensor, ya: torch.Tensor, u: torch.Tensor, vocab_size: int) -> float:
+    """Accuracy of the no-feature baseline: every sentence gets the same ranking, the ids' training bag frequency.
+
+    Any decoder's intercept starts from this ranking, so a layer's accuracy means something only above it.
+    """
+    scores = torch.cat([Y_train.mean(0)[active], torch.zeros(1)])  # (A+1,): never-seen ids have frequency 0
+    accs = [compact_metrics(scores.expand(len(ya[i: i + ROW_CHUNK]), -1), ya[i: i + ROW_CHUNK].float(), u[i: i + ROW_CHUNK],
+                            vocab_size - len(active), linear=True)[0] for i in range(0, len(ya), ROW_CHUNK)]
+    return float(torch.nanmean(torch.cat(accs)))
+
+
 def layer_chunk(decoder: str, d: int, active: int) -> int:
     per_layer = d * (active + 1) * 4 * (4 if decoder == "bce" else 3)  # W and 2 temporaries (ridge); W, grad, 2 Adam moments (BCE)
     return max(1, int(DECODER_MEMORY // per_layer))
@@ -485,6 +497,7 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
         t = time.perf_counter()
         if c0 == 0:
             compact = {ss.name: compact_bags(ss.bags, dec.active) for ss in sets}  # same seen ids for every chunk
+            prior = {ss.name: prior_accuracy(Y, dec.active, *compact[ss.name], vocab_size) for ss in sets}
         for j, layer in enumerate(ls):
             for ss in sets:
                 m = score_layer(dec, j, feats[ss.name][:, layer], ss, *compact[ss.name], suite.decoder == "ridge",
@@ -492,7 +505,7 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
                 extra = {"ridge_lambda": float(dec.lam[j])} if dec.lam is not None else {"ridge_lambda": None}
                 rows.append({"layer": layer, "set": ss.name, "role": ss.role, "sentences": len(ss.seqs),
                              "text_metric_sentences": len(ss.seqs) if suite.text_metrics_sentences is None else min(suite.text_metrics_sentences, len(ss.seqs)),
-                             "token_entropy_bits": ss.entropy_bits, **m, **extra})
+                             "token_entropy_bits": ss.entropy_bits, **m, "prior_acc": prior[ss.name], **extra})
         t_score += time.perf_counter() - t
     if timings is not None:
         timings["decoder_fit_s"] = timings.get("decoder_fit_s", 0.0) + t_fit
@@ -532,11 +545,14 @@ def summarize(rows: list[dict]) -> list[dict]:
         layers = sorted(next(iter(curves.values())))
         curves["mean over eval sets"] = {l: float(np.mean([curves[s][l] for s in evals])) for l in layers}
         nb = rs[0]["num_blocks"]
+        priors = {s: next(r["prior_acc"] for r in rs if r["set"] == s) for s in evals}
+        priors["mean over eval sets"] = float(np.mean(list(priors.values())))
         for s, c in curves.items():
             best = max(layers, key=lambda l: c[l])
             last = layers[-1]
             out.append({"model": model, "variant": variant, "set": s, "best_layer": best, "best_depth": best / nb,
-                        "best_acc": c[best], "last_layer": last, "last_acc": c[last], "drop_best_to_last": c[best] - c[last]})
+                        "best_acc": c[best], "last_layer": last, "last_acc": c[last], "drop_best_to_last": c[best] - c[last],
+                        "first_acc": c[layers[0]], "prior_acc": priors[s]})
     return out
 
 
@@ -558,7 +574,7 @@ def plot_metrics(out_dir: Path, rows: list[dict], set_names: list[str], title: s
     lines = list(dict.fromkeys((r["model"], r["variant"]) for r in rows))
     paths = []
     for key, ylabel in METRICS.items():
-        fig, axes = plt.subplots(1, len(set_names), figsize=(4.3 * len(set_names), 3.9), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(1, len(set_names), figsize=(4.3 * len(set_names), 4.4), sharey=True, squeeze=False)
         for ax, s in zip(axes[0], set_names):
             role = next(r["role"] for r in rows if r["set"] == s)
             for i, (model, variant) in enumerate(lines):
@@ -566,14 +582,18 @@ def plot_metrics(out_dir: Path, rows: list[dict], set_names: list[str], title: s
                 label = model if variant == "base" else f"{model} + adapter"
                 ax.plot([r["depth"] for r in rs], [r[key] for r in rs], marker="o", markersize=3, linewidth=1.6,
                         linestyle="-" if variant == "base" else "--", color=f"C{i}", label=label)
+                if key == "recoverability_acc" and variant == "base" and rs:
+                    ax.axhline(rs[0]["prior_acc"], color=f"C{i}", linestyle=":", linewidth=1.2,
+                               label=f"{model}: no-feature prior (training frequency)")
             ax.set_title(f"{s} ({'train, in-sample' if role == 'train' else 'evaluation'})", fontsize=10)
             ax.set_xlabel("normalized depth l / L  (0 = embeddings, 1 = last block)", fontsize=8.5)
             ax.set_xlim(-0.03, 1.03)
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel(ylabel, fontsize=8.5)
-        axes[0][-1].legend(fontsize=8, loc="best")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8.5, frameon=False)
         fig.suptitle(f"{METRICS[key].split(' (')[0]} by layer — {title}", fontsize=11)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.07 * (1 + (len(labels) - 1) // 4), 1, 1))
         path = out_dir / "plots" / f"{key}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -613,11 +633,12 @@ def plot_adapter(out_dir: Path, rows: list[dict], model: str, set_names: list[st
 
 
 def print_summary(summary: list[dict]) -> None:
-    print(f"\n{'model':<34} {'set':<22} {'best layer (l/L)':>17} {'best acc':>9} {'last acc':>9} {'drop':>7}")
+    print("\nrecoverability accuracy on the evaluation sets (prior = no features: rank ids by training frequency)")
+    print(f"{'model':<40} {'set':<20} {'prior':>7} {'layer 0':>8} {'best layer (l/L)':>17} {'best':>7} {'last':>7} {'best-last':>9}")
     for s in summary:
         name = s["model"] if s["variant"] == "base" else f"{s['model']} + adapter"
-        print(f"{name[:34]:<34} {s['set'][:22]:<22} {s['best_layer']:>6} ({s['best_depth']:.2f})     {s['best_acc']:>9.4f} "
-              f"{s['last_acc']:>9.4f} {s['drop_best_to_last']:>+7.4f}")
+        print(f"{name[-40:]:<40} {s['set'][:20]:<20} {s['prior_acc']:>7.4f} {s['first_acc']:>8.4f} {s['best_layer']:>6} ({s['best_depth']:.2f})"
+              f"     {s['best_acc']:>7.4f} {s['last_acc']:>7.4f} {s['drop_best_to_last']:>+9.4f}")
 
 
 # =============================================================================================
