@@ -8,7 +8,7 @@ layer and pooling (CLI > suite > the first adapter's head > the model's default)
 ``mi_tune.embedding.embed_texts``, the path training and the probe use. Embeddings are cached on
 disk, keyed by model, adapter content, exact texts, layer, pooling and max length, so a rerun (or
 adding a column) only embeds what is new. Writes results.json, table.md and chart.png to the output
-folder (default: <first adapter run folder>/downstream/<suite>, else downstream_results/<model>/<suite>)
+folder (default: <first adapter run folder>/downstream/<suite>, else outputs/downstream/<model>/<suite>)
 and logs to MLflow, into the training run when an adapter folder has tracking_run.json.
 
 Python API: ``evaluate(model=..., adapters=[...], control=..., suite="eval/downstream-cpu.yaml")`` returns
@@ -144,11 +144,6 @@ def make_embed(ready, adapter, layer: int, pooling: str, batch_size: int, use_ca
 def score_column(ready, adapter, label: str, layer: int, pooling: str, suite: Suite, specs: dict, data: dict, use_cache: bool) -> tuple[dict, dict]:
     """Scores of one model on every task: {task: {metric: value}}, plus timing stats."""
     stats = {"embed_s": 0.0, "texts_embedded": 0, "texts_from_cache": 0, "task_s": {}, "truncated": {}, "texts": {}}
-    base_model = getattr(ready.model, "get_base_model", lambda: None)()
-    if base_model is not None and not (getattr(base_model, "is_loaded_in_4bit", False) or getattr(base_model, "is_loaded_in_8bit", False)):
-        # Fold W + BA into the weights for evaluation: the same function up to float rounding, without the extra
-        # small LoRA matmuls per linear layer (about 20% of the time on CPU). Quantized bases are left unmerged.
-        ready.model.merge_adapter()
     embed = make_embed(ready, adapter, layer, pooling, suite.batch_size, use_cache, stats, label)
     scores = {}
     for name, spec in specs.items():
@@ -433,7 +428,7 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
         }
     if out_dir is None:
         first_local = next((Path(c.adapter) for c in columns[1:] if Path(c.adapter).is_dir()), None)
-        out_dir = first_local / "downstream" / cfg.name if first_local else Path("downstream_results") / slug(model_name) / cfg.name
+        out_dir = first_local / "downstream" / cfg.name if first_local else Path("outputs") / "downstream" / slug(model_name) / cfg.name
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -464,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--control", default=None, help="the LM-only control adapter (same data and steps, next-token loss only)")
     p.add_argument("--data-root", default=None, help="folder the suite's relative data paths resolve under (default: the suite's data_root)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
-    p.add_argument("--out", default=None, help="output folder (default: <adapter>/downstream/<suite> or downstream_results/<model>/<suite>)")
+    p.add_argument("--out", default=None, help="output folder (default: <adapter>/downstream/<suite> or outputs/downstream/<model>/<suite>)")
     p.add_argument("--layer", type=int, default=None, help="hidden_states index for every column (default: the head's, else last)")
     p.add_argument("--pooling", default=None, choices=["mean", "last", "first", "max", "weighted_mean"])
     p.add_argument("--max-length", type=int, default=None, help="default tokens per text (tasks that set max_length keep theirs)")
