@@ -4,6 +4,7 @@ real-model test (MiniLM-L6, well under a minute)."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,33 @@ def test_adapter_probe_gives_before_and_after(tmp_path):
     # the embeddings (layer 0) are not adapted; the adapted blocks change what the decoder sees
     assert after[0]["recoverability_acc"] == base[0]["recoverability_acc"]
     assert any(a["cosine"] != b["cosine"] for a, b in zip(after, base) if a["layer"] > 0)
+
+
+def test_adapter_probe_attaches_to_the_training_run_as_a_child(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(TINY), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                   init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("mi_tune", artifact_location=(tmp_path / "art").as_uri()), run_name="train")
+    client.set_terminated(run.info.run_id)
+    (tmp_path / "adapter" / "tracking_run.json").write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
+    res = _tiny_probe(tmp_path, tmp_path / "out", "--decoder", "ridge", "--layers", "0,3", "--adapter", str(tmp_path / "adapter"))
+    exp = client.get_run(run.info.run_id).info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert len(children) == 1 and children[0].info.run_name.startswith("probe-") and children[0].info.status == "FINISHED"
+    child = children[0].info.run_id
+    for variant in ("base", "adapter"):
+        for set_name in {r["set"] for r in res["rows"]}:
+            want = {r["layer"]: r["recoverability_acc"] for r in res["rows"] if r["variant"] == variant and r["set"] == set_name}
+            key = f"probe_{variant}_{re.sub(r'[^A-Za-z0-9]+', '_', set_name).strip('_')}_recoverability_acc"
+            got = {m.step: m.value for m in client.get_metric_history(child, key)}
+            assert got == pytest.approx(want), key
+    assert {a.path for a in client.list_artifacts(child, "probe")} >= {"probe/probe.csv", "probe/probe.json"}
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"  # the training run itself is left as it was
 
 
 # ---- user errors and suite files ----------------------------------------------------------------------

@@ -734,6 +734,7 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
             plots.append(plot_adapter(out_dir, rows, label, set_names))
         for p in [out_dir / "probe.csv", out_dir / "probe.json", *plots]:
             tracker.log_artifact(p, "probe" if p.suffix != ".png" else "probe/plots")
+        attach_to_training_runs(rows, models, out_dir, suite.name, plots)
         print_summary(summary)
         print(f"\ntable: {out_dir / 'probe.csv'} and {out_dir / 'probe.json'}\nplots: {out_dir / 'plots'} "
               f"(main figure: {out_dir / 'plots' / 'recoverability_acc.png'})\nelapsed: {time.perf_counter() - t0:.0f} s")
@@ -741,6 +742,32 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
         return {"rows": rows, "summary": summary, "setup": setup, "out_dir": out_dir}
     finally:
         tracker.end(status)
+
+
+def attach_to_training_runs(rows: list[dict], models: list[ProbeModel], out_dir: Path, suite_name: str, plots: list[Path]) -> list[str]:
+    """Each adapter that came from a tracked training run gets the probe as a child run ``probe-<suite>`` of that
+    run: the curves of base and base + adapter (step = hidden_states index), the table and the before/after plot.
+    Independent of the suite's own ``tracking`` switch, as the downstream evaluation does. Returns the child run ids."""
+    from ..tracking import TRACKING_FILE, reopen_run
+
+    ids = []
+    for spec in models:
+        if not spec.adapter or not (Path(spec.adapter) / TRACKING_FILE).is_file():
+            continue
+        labels = {r["model"] for r in rows if r["adapter"] == spec.adapter}  # this model's rows: base and base + adapter
+        mine = [r for r in rows if r["model"] in labels]
+        curve: dict = {}
+        for r in mine:
+            point = curve.setdefault(r["layer"], {})
+            for k in METRICS:
+                point[f"{r['variant']}_{re.sub(r'[^A-Za-z0-9]+', '_', r['set']).strip('_')}_{k}"] = r[k]
+        with reopen_run(spec.adapter, child=f"probe-{suite_name}", tags={"mi_tune.task": "probe", "mi_tune.suite": suite_name}) as t:
+            t.log_layer_curve(curve, prefix="probe_")
+            for p in [out_dir / "probe.csv", out_dir / "probe.json", *[q for q in plots if "base_vs_adapter" in q.name]]:
+                t.log_artifact(p, "probe" if p.suffix != ".png" else "probe/plots")
+            if t.run_id:
+                ids.append(t.run_id)
+    return ids
 
 
 # =============================================================================================
