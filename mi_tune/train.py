@@ -128,7 +128,7 @@ def dry_run(recipe: Recipe) -> None:
         print(f"  {name}")
 
 
-def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_ids, n_train: int):
+def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_ids, n_train: int, location=None):
     """Frozen base-model features (adapters disabled) of the check's sentences, computed once before training.
 
     Returns seqs, features (1, N, D) and bags (N, V) for {"train", "heldout"}. The same base features serve the
@@ -138,14 +138,24 @@ def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_id
 
     from .decoders import bags_from_ids
     from .embedding import embed_token_ids, tokenize
+    from .eval.cache import cached_array, model_identity, texts_hash
 
     s = recipe.check
     out = {}
     splits = [("train", corpus.train[:n_train])] + ([("heldout", corpus.eval[-s.eval_sentences:])] if s.enabled else [])
     for name, texts in splits:
         seqs = tokenize(tokenizer, texts, recipe.data.max_length)
-        with model.disable_adapter():
-            f = embed_token_ids(model, seqs, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"base features ({name})")
+
+        def compute(seqs=seqs, name=name):
+            with model.disable_adapter():
+                return embed_token_ids(model, seqs, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"base features ({name})")
+
+        # Same base, texts, layer and pooling -> same features: runs of one recipe (seeds, LRs, the control) share them.
+        key = {"kind": "train-base-features", **(model_identity(location) if location else {}), "dtype": str(getattr(model, "dtype", recipe.model.dtype)), "quantization": recipe.model.quantization,
+               "texts": texts_hash(texts), "n": len(texts), "layer": head_cfg.layer, "pooling": head_cfg.pooling, "max_length": recipe.data.max_length}
+        f, hit = cached_array(key, compute, enabled=location is not None)
+        if hit:
+            log(f"base features ({name}): {len(texts)} sentences from the feature cache")
         out[name] = (seqs, torch.from_numpy(f).transpose(0, 1), bags_from_ids(seqs, head_cfg.vocab_size, exclude_ids))
     return out
 
@@ -299,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         need_warm = recipe.head.init == "fit" and resume is None
         if need_warm or (recipe.check.enabled and main_proc):
             n = max(recipe.check.train_sentences if recipe.check.enabled else 0, recipe.head.warm_start_sentences if need_warm else 0)
-            base = base_features(peft_model, tok, corpus, recipe, head.config, exclude, n)
+            base = base_features(peft_model, tok, corpus, recipe, head.config, exclude, n, location=loaded.location)
         if need_warm:
             from .decoders import fit_bce
 

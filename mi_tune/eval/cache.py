@@ -46,6 +46,17 @@ def adapter_identity(adapter: str | None) -> dict | None:
     return {"hub": adapter}
 
 
+def model_identity(location) -> dict:
+    """What names a model's weights: the source and revision, plus size and mtime of each weight file of a
+    local folder (so that a folder rewritten in place does not serve stale features)."""
+    out = {"model": location.spec, "revision": location.revision}
+    if location.is_local:
+        p = Path(location.path)
+        files = [p / location.gguf_file] if location.gguf_file else sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
+        out["files"] = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
+    return out
+
+
 def cache_key(**parts) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
