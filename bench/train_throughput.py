@@ -133,6 +133,16 @@ def worker(which: str, a) -> dict:
         trainer = SFTTrainer(model=peft, args=args, train_dataset=ds, processing_class=tok, callbacks=[CB()])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    # hand freed heap (GGUF de-quantisation buffers, tokenisation) back to the OS so that the RSS peak
+    # below is this trainer's working memory, not what the loader left in malloc's free lists
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     with PeakSampler() as peak:
         trainer.train()
     seconds = timer.t1 - timer.t0

@@ -143,6 +143,25 @@ def test_cpu_suite_reads_the_shared_data():
     assert len(sts.load(specs["stsb"], SHARED_DATA)["scores"]) == 1379  # full STS-B test split
 
 
+# MTEB's published STSBenchmark (test) result for sentence-transformers/all-MiniLM-L6-v2: embeddings-benchmark/results,
+# results/sentence-transformers__all-MiniLM-L6-v2/8b3219a92973c328a8e22fadcfa821b5dc75636a/STSBenchmark.json (mteb 1.12.75)
+MTEB_MINILM_STSB = {"spearman": 0.8203247283076371, "pearson": 0.8274064239694425}
+
+
+@pytest.mark.slow
+def test_minilm_stsb_reproduces_the_published_mteb_number(tmp_path, monkeypatch):
+    """Same protocol as MTEB (mean pooling, cosine, full 1,379-pair test split): agreement to 1e-5."""
+    if not (SHARED_DATA / "stsb" / "test.jsonl").exists():
+        pytest.skip("shared data not present")
+    monkeypatch.setenv("MI_TUNE_CACHE", str(tmp_path / "cache"))
+    res = evaluate(MINILM, suite=ROOT / "eval" / "downstream-cpu.yaml", tasks=["stsb"], data_root=str(SHARED_DATA),
+                   out_dir=tmp_path / "out", max_length=128, tracking=False)
+    got = res["tasks"]["stsb"]["scores"]["base"]
+    assert res["tasks"]["stsb"]["sizes"]["n_pairs"] == 1379 and res["pooling"] == "mean"
+    assert got["spearman"] == pytest.approx(MTEB_MINILM_STSB["spearman"], abs=1e-5)
+    assert got["pearson"] == pytest.approx(MTEB_MINILM_STSB["pearson"], abs=1e-5)
+
+
 def test_hub_sources_go_through_load_dataset(monkeypatch):
     import datasets
 
