@@ -33,6 +33,20 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def trim_heap() -> int:
+    """Hand freed heap (GGUF de-quantisation buffers, tokenisation) back to the OS, so that RSS measures live
+    memory and the peak below is the trainer's working memory, not malloc's free lists. Returns the RSS."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return rss_bytes()
+
+
 class PeakSampler:
     def __init__(self):
         self.peak = 0
@@ -98,16 +112,21 @@ def worker(which: str, a) -> dict:
                   learning_rate=1e-4, logging_steps=10_000, save_strategy="no", report_to="none", disable_tqdm=True,
                   train_sampling_strategy="sequential", gradient_checkpointing=a.gradient_checkpointing,
                   bf16=torch.cuda.is_available(), dataloader_pin_memory=False)
-    base_mem = rss_bytes()
+    base_mem = trim_heap()
     if which == "mi_tune":
         from mi_tune.data import PadCollator, TokenizedTexts
         from mi_tune.head import RecoverabilityHead
         from mi_tune.modeling import add_adapters
         from mi_tune.trainer import RecoverabilityModel, RecoverabilityTrainer
 
+        from mi_tune.train import corpus_token_ids
+
         peft = add_adapters(loaded, lora, gradient_checkpointing=a.gradient_checkpointing)
-        head = RecoverabilityHead.from_model(loaded, loaded.num_blocks, "last")
-        model = RecoverabilityModel(peft, head, list(set(tok.all_special_ids) | {tok.pad_token_id}))
+        exclude = set(tok.all_special_ids) | {tok.pad_token_id}
+        # as train.py does: head columns for the tokens of the whole training text (head.columns: corpus), unless --full-head
+        active = None if a.full_head else corpus_token_ids([s[: a.seq_len] for s in tok(corpus.train)["input_ids"]], exclude)
+        head = RecoverabilityHead.from_model(loaded, loaded.num_blocks, "last", active_ids=active)
+        model = RecoverabilityModel(peft, head, list(exclude))
         args = TrainingArguments(**{**common, "gradient_checkpointing": False}, remove_unused_columns=False, label_names=[])
         trainer = RecoverabilityTrainer(model=model, args=args, train_dataset=TokenizedTexts(seqs),
                                         data_collator=PadCollator(tok.pad_token_id), callbacks=[CB()])
@@ -133,16 +152,7 @@ def worker(which: str, a) -> dict:
         trainer = SFTTrainer(model=peft, args=args, train_dataset=ds, processing_class=tok, callbacks=[CB()])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    # hand freed heap (GGUF de-quantisation buffers, tokenisation) back to the OS so that the RSS peak
-    # below is this trainer's working memory, not what the loader left in malloc's free lists
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    trim_heap()
     with PeakSampler() as peak:
         trainer.train()
     seconds = timer.t1 - timer.t0
@@ -162,6 +172,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--full-head", action="store_true", help="mi_tune with a |V|-column head (head.columns: full) instead of corpus columns")
     p.add_argument("--worker", choices=["mi_tune", "trl"])
     p.add_argument("--tmp", default="/tmp/mi_tune_bench")
     a = p.parse_args()
@@ -175,6 +186,8 @@ def main() -> None:
                    "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--tmp", a.tmp]
             if a.gradient_checkpointing:
                 cmd.append("--gradient-checkpointing")
+            if a.full_head:
+                cmd.append("--full-head")
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if not line:
@@ -187,6 +200,7 @@ def main() -> None:
     best = {k: max(v, key=lambda x: x["tokens_per_s"]) for k, v in results.items()}
     mean = lambda k, f: sum(x[f] for x in results[k]) / len(results[k])  # noqa: E731
     print(f"\nSmolLM2-135M LoRA r=16, batch {a.batch_size}, seq {a.seq_len}, gradient checkpointing {a.gradient_checkpointing}, "
+          f"mi_tune head {'full' if a.full_head else 'corpus columns'}, "
           f"{a.steps} timed steps x {a.rounds} rounds each, alternating")
     print(f"tokens/s   mi_tune {mean('mi_tune', 'tokens_per_s'):.1f}  trl {mean('trl', 'tokens_per_s'):.1f}  "
           f"ratio {mean('mi_tune', 'tokens_per_s') / mean('trl', 'tokens_per_s'):.2f}x (target >= 1.3)")

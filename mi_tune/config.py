@@ -85,6 +85,9 @@ class HeadSettings:
     init: Literal["fit", "prior", "zeros"] = "fit"  # fit: warm start, a BCE decoder fitted on frozen base features (see train.py)
     warm_start_sentences: int = 512  # training sentences for the `fit` warm start
     warm_start_epochs: int = 20
+    # corpus: a column per token of the training text + one column shared by all tokens it never contains
+    # (the same model as full, since those columns would stay tied; ~2x less head memory on BBC News); full: V columns
+    columns: Literal["corpus", "full"] = "corpus"
 
 
 @dataclass

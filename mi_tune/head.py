@@ -30,11 +30,75 @@ class HeadConfig:
 
 
 class RecoverabilityHead(nn.Module):
-    def __init__(self, config: HeadConfig):
+    """Scores every vocabulary token from one pooled vector: (B, D) -> (B, V) logits.
+
+    ``active_ids=None``: one column per token (V x D parameters). ``active_ids`` given (the tokens of the
+    training text): one column per active token plus ONE column shared by all other tokens. Tokens that
+    never occur in the training text are never positives, start from the same column (every init does
+    that) and receive identical gradients, so in a full head their columns stay equal forever: the
+    shared column is the same model with ~V/|active| times fewer parameters, gradients and Adam states
+    (49,152 -> 21,416 columns for SmolLM2 on BBC News). Its weight gradient is scaled so that it counts
+    as the sqrt(V - |active|) tied columns would in the gradient norm (clipping sees what it would see
+    for the full head; Adam's update is scale-free). Logits, losses, metrics and the saved files are
+    full-vocabulary either way.
+    """
+
+    def __init__(self, config: HeadConfig, active_ids=None):
         super().__init__()
         self.config = config
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        columns = config.vocab_size
+        self.register_buffer("active_ids", None, persistent=False)
+        if active_ids is not None:
+            ids = torch.as_tensor(sorted({int(i) for i in active_ids}), dtype=torch.long)
+            if ids.numel() and (ids[0] < 0 or ids[-1] >= config.vocab_size):
+                raise ValueError(f"active_ids must lie in [0, {config.vocab_size}); got {int(ids[0])}..{int(ids[-1])}")
+            self.register_buffer("active_ids", ids, persistent=False)
+            columns = ids.numel() + 1
+            self.n_shared = config.vocab_size - ids.numel()
+        self.decoder = nn.Linear(config.hidden_size, columns)
         self.reset_parameters()
+        if self.active_ids is not None and self.n_shared > 1:
+            scale = torch.ones(columns, 1)
+            scale[-1] = 1.0 / math.sqrt(self.n_shared)
+            self.decoder.weight.register_hook(lambda g, s=scale: g * s.to(g))
+            self.decoder.bias.register_hook(lambda g, s=scale.reshape(-1): g * s.to(g))
+
+    @property
+    def compact(self) -> bool:
+        return self.active_ids is not None
+
+    def _shared_id(self) -> int | None:
+        """A token id outside active_ids (its full-head column is the shared column), or None if all are active."""
+        if not self.compact or self.n_shared == 0:
+            return None
+        present = torch.zeros(self.config.vocab_size, dtype=torch.bool)
+        present[self.active_ids.cpu()] = True
+        return int((~present).nonzero()[0])
+
+    def full_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V, D) weight and (V,) bias of the equivalent full-vocabulary head."""
+        W, b = self.decoder.weight.detach(), self.decoder.bias.detach()
+        if not self.compact:
+            return W, b
+        V = self.config.vocab_size
+        fw = W[-1:].expand(V, -1).clone().index_copy_(0, self.active_ids, W[:-1])
+        fb = b[-1:].expand(V).clone().index_copy_(0, self.active_ids, b[:-1])
+        return fw, fb
+
+    @torch.no_grad()
+    def load_full_weights(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Set this head from a full-vocabulary (V, D) weight and (V,) bias (a saved head, a fitted decoder)."""
+        if not self.compact:
+            self.decoder.weight.copy_(weight.to(self.decoder.weight))
+            self.decoder.bias.copy_(bias.to(self.decoder.bias))
+            return
+        ids = self.active_ids.to(weight.device)
+        shared = self._shared_id()
+        self.decoder.weight[:-1].copy_(weight[ids].to(self.decoder.weight))
+        self.decoder.bias[:-1].copy_(bias[ids].to(self.decoder.bias))
+        if shared is not None:
+            self.decoder.weight[-1].copy_(weight[shared].to(self.decoder.weight))
+            self.decoder.bias[-1].copy_(bias[shared].to(self.decoder.bias))
 
     def reset_parameters(self) -> None:
         # ("fit", our default, starts here and then loads a decoder fitted on frozen base features:
@@ -59,20 +123,25 @@ class RecoverabilityHead(nn.Module):
         W = expand_scores(dec.W[layer_index], dec.active, dec.vocab_size) / dec.std[layer_index].reshape(-1, 1)  # (D, V)
         b = expand_scores(dec.b[layer_index], dec.active, dec.vocab_size).reshape(-1) \
             - (dec.mean[layer_index].reshape(1, -1) @ W).reshape(-1)  # (V,)
-        self.decoder.weight.copy_(W.T.to(self.decoder.weight))
-        self.decoder.bias.copy_(b.to(self.decoder.bias))
+        self.load_full_weights(W.T, b)
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        return self.decoder(embedding.to(self.decoder.weight.dtype))  # (B, D) -> (B, V)
+        scores = self.decoder(embedding.to(self.decoder.weight.dtype))  # (B, D) -> (B, V) or (B, |active| + 1)
+        if not self.compact:
+            return scores
+        # full-vocabulary logits: the shared score everywhere, the active columns at their ids. (B, V) is
+        # small (it is the V x D weight that is large); gradients of the shared positions sum into one column.
+        full = scores[:, -1:].expand(-1, self.config.vocab_size)
+        return full.index_copy(1, self.active_ids, scores[:, :-1])
 
     @classmethod
-    def from_model(cls, loaded, layer: int, pooling: str, init: str = "prior", expected_bag_size: float = 32.0):
+    def from_model(cls, loaded, layer: int, pooling: str, init: str = "prior", expected_bag_size: float = 32.0, active_ids=None):
         cfg = loaded.model.config if not hasattr(loaded.model, "get_base_model") else loaded.model.get_base_model().config
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         vocab = loaded.model.get_input_embeddings().num_embeddings
         head_cfg = HeadConfig(loaded.location.spec, layer, pooling, text.hidden_size, vocab, loaded.num_hidden_states,
                               init, expected_bag_size)
-        return cls(head_cfg).to(loaded.device)
+        return cls(head_cfg, active_ids).to(loaded.device)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -80,7 +149,8 @@ class RecoverabilityHead(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
+        weight, bias = self.full_weights()  # always the full-vocabulary layout: readers need not know about shared columns
+        save_file({"decoder.weight": weight.contiguous().cpu(), "decoder.bias": bias.contiguous().cpu()}, str(path / WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "RecoverabilityHead":

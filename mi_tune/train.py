@@ -128,6 +128,14 @@ def dry_run(recipe: Recipe) -> None:
         print(f"  {name}")
 
 
+def corpus_token_ids(seqs, exclude: set) -> list[int]:
+    """Sorted ids of the tokens that occur in the (truncated) training sequences, special tokens excluded."""
+    import numpy as np
+
+    present = np.unique(np.fromiter((t for s in seqs for t in s), dtype=np.int64))
+    return [int(t) for t in present if int(t) not in exclude]
+
+
 def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_ids, n_train: int, location=None):
     """Frozen base-model features (adapters disabled) of the check's sentences, computed once before training.
 
@@ -285,24 +293,29 @@ def main(argv: list[str] | None = None) -> None:
         loaded = load_model(recipe.model, for_training=True)
         layer = check_layer(recipe.objective.layer, loaded.num_hidden_states, recipe.model.source)
         pooling = default_pooling(loaded.kind) if recipe.objective.pooling == "auto" else recipe.objective.pooling
-        peft_model = add_adapters(loaded, recipe.lora, gradient_checkpointing=gc)
-        head = RecoverabilityHead.from_model(loaded, layer, pooling, recipe.head.init)
-        tok = loaded.tokenizer
-        exclude = set(tok.all_special_ids) | {tok.pad_token_id}
-        model = RecoverabilityModel(peft_model, head, list(exclude), recipe.objective.recoverability_weight,
-                                    recipe.objective.lm_weight, recipe.objective.positive_weight)
         if recipe.objective.lm_weight > 0 and loaded.kind != "decoder":
             raise UserError(f"objective.lm_weight: got {recipe.objective.lm_weight} for an encoder ({recipe.model.source}); allowed: 0 "
                             f"for encoders (no next-token head). Fix: set objective.lm_weight: 0.")
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log(f"objective: layer {layer} of {loaded.num_hidden_states - 1} ({pooling} pooling), head {head.config.hidden_size}x{head.config.vocab_size}; "
-            f"{n_train:,} trainable parameters; adapters on blocks 0..{loaded.num_blocks - 2}, final block {loaded.num_blocks - 1} frozen")
+        peft_model = add_adapters(loaded, recipe.lora, gradient_checkpointing=gc)
+        tok = loaded.tokenizer
+        exclude = set(tok.all_special_ids) | {tok.pad_token_id}
 
         # ---- data ----
         corpus = load_corpus(recipe.data)
         train_ds = tokenize_corpus(tok, corpus.train, recipe.data.max_length, corpus.stats, "train")
         eval_cap = recipe.data.max_eval_samples or len(corpus.eval)
         eval_ds = tokenize_corpus(tok, corpus.eval[:eval_cap], recipe.data.max_length, corpus.stats, "eval")
+
+        # ---- head and objective ----
+        active = corpus_token_ids(train_ds.seqs, exclude) if recipe.head.columns == "corpus" else None
+        head = RecoverabilityHead.from_model(loaded, layer, pooling, recipe.head.init, active_ids=active)
+        model = RecoverabilityModel(peft_model, head, list(exclude), recipe.objective.recoverability_weight,
+                                    recipe.objective.lm_weight, recipe.objective.positive_weight)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        cols = (f"{len(active):,} tokens of the training text + 1 shared column, of |V| = {head.config.vocab_size:,}" if active is not None
+                else f"|V| = {head.config.vocab_size:,} columns")
+        log(f"objective: layer {layer} of {loaded.num_hidden_states - 1} ({pooling} pooling), head on {head.config.hidden_size} dims x {cols}; "
+            f"{n_train:,} trainable parameters; adapters on blocks 0..{loaded.num_blocks - 2}, final block {loaded.num_blocks - 1} frozen")
 
         # ---- base features, once: the head's warm start and the base row of the final check ----
         base = None
@@ -325,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
                                         on_nonfinite_loss=recipe.objective.on_nonfinite_loss)
         info = {"layer": layer, "pooling": pooling, "kind": loaded.kind, "num_blocks": loaded.num_blocks,
                 "dtype": str(loaded.dtype).replace("torch.", ""), "trainable_parameters": n_train,
+                "head_columns": head.decoder.out_features,
                 "data": corpus.stats, "resumed_from": str(resume) if resume else None}
         if main_proc:
             atomic_write(run_dir / INFO_FILE, json.dumps(info, indent=2))

@@ -181,7 +181,7 @@ class RecoverabilityTrainer(Trainer):
         if getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"checkpoint {folder} has unexpected adapter keys: {result.unexpected_keys[:3]}")
         head = RecoverabilityHead.from_pretrained(Path(folder) / HEAD_DIR, device=model.head.decoder.weight.device)
-        model.head.load_state_dict(head.state_dict())
+        model.head.load_full_weights(head.decoder.weight, head.decoder.bias)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self._load_weights(resume_from_checkpoint)

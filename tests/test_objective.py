@@ -105,3 +105,56 @@ def test_fano_bound_hand_values_and_edges():
 def test_unigram_entropy():
     assert unigram_entropy_bits(torch.tensor([1, 1, 1, 1, 0])) == pytest.approx(2.0)
     assert unigram_entropy_bits(torch.tensor([5, 0, 0])) == pytest.approx(0.0)
+
+
+# ---- the head with corpus columns (a column per training token + one shared column) ----------------
+
+
+def _heads(V=300, D=12, active=(3, 7, 8, 42, 120, 299), seed=0):
+    from mi_tune.head import HeadConfig, RecoverabilityHead
+
+    cfg = HeadConfig("x", 1, "mean", D, V, 3, init="prior")
+    full, compact = RecoverabilityHead(cfg), RecoverabilityHead(cfg, active_ids=list(active))
+    g = torch.Generator().manual_seed(seed)
+    W, b = torch.randn(V, D, generator=g), torch.randn(V, generator=g)
+    inactive = torch.ones(V, dtype=torch.bool)
+    inactive[list(active)] = False
+    W[inactive], b[inactive] = W[inactive][0], b[inactive][0]  # every never-seen token starts from one column (as every init does)
+    full.load_full_weights(W, b)
+    compact.load_full_weights(W, b)
+    return full, compact, torch.tensor(active)
+
+
+def test_corpus_columns_give_the_full_heads_logits_and_saved_file(tmp_path):
+    from mi_tune.head import RecoverabilityHead
+
+    full, compact, _ = _heads()
+    assert compact.decoder.weight.shape == (7, 12)
+    x = torch.randn(5, 12)
+    assert torch.allclose(full(x), compact(x), atol=1e-6)  # (different GEMM shapes: last-bit float differences)
+    compact.save(tmp_path / "h")
+    back = RecoverabilityHead.from_pretrained(tmp_path / "h")  # the file is full-vocabulary: any reader loads it
+    assert back.decoder.weight.shape == (300, 12) and torch.allclose(back(x), full(x), atol=1e-6)
+
+
+def test_corpus_columns_train_exactly_like_the_full_head():
+    """AdamW + gradient clipping, targets only among the active tokens (as in training): same weights after 5 steps."""
+    full, compact, active = _heads()
+    emb = torch.randn(6, 12, requires_grad=True)
+    opts = [torch.optim.AdamW(h.parameters(), lr=1e-2, weight_decay=0.01) for h in (full, compact)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        y = torch.zeros(6, 300)
+        y[:, active] = (torch.rand(6, len(active), generator=g) > 0.5).float()
+        grads = []
+        for h, opt in zip((full, compact), opts):
+            emb.grad = None
+            recoverability_loss(h(emb), y).backward()
+            grads.append(emb.grad.clone())
+            norm = torch.nn.utils.clip_grad_norm_(h.parameters(), 0.5)
+            opt.step()
+            opt.zero_grad()
+        assert torch.allclose(grads[0], grads[1], atol=1e-5)  # the backbone receives the same gradient
+    fw, fb = compact.full_weights()
+    assert torch.allclose(fw, full.decoder.weight, atol=1e-5) and torch.allclose(fb, full.decoder.bias, atol=1e-5)
+    assert norm > 0
