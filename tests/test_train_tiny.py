@@ -86,6 +86,16 @@ def test_adapter_and_head_changed_base_fixed(tiny_run):
     assert (out_adapter - out_ref).abs().max() > 1e-6  # the adapter does something
 
 
+def test_second_run_of_a_recipe_reuses_the_base_features(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("MI_TUNE_CACHE", str(tmp_path / "cache"))
+    first = _train(tmp_path, "training.max_steps=2", name="a")
+    assert "from the feature cache" not in capfd.readouterr().err
+    second = _train(tmp_path, "training.max_steps=2", "seed=3", name="b")
+    assert "from the feature cache" in capfd.readouterr().err
+    base = [json.loads((r / "metrics.json").read_text())["heldout_check"]["base"] for r in (first, second)]
+    assert base[0] == base[1]  # the same frozen base features, whether computed or read back
+
+
 def test_existing_finished_run_is_not_overwritten(tiny_run):
     proc = run_cli("mi_tune.train", str(ROOT / "recipes" / "tiny.yaml"), f"output_root={tiny_run.parent}", f"run_name={tiny_run.name}")
     assert proc.returncode == 2 and "already holds a finished run" in proc.stderr and "Traceback" not in proc.stderr
