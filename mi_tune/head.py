@@ -80,10 +80,14 @@ class RecoverabilityHead(nn.Module):
         W, b = self.decoder.weight.detach(), self.decoder.bias.detach()
         if not self.compact:
             return W, b
-        V = self.config.vocab_size
-        fw = W[-1:].expand(V, -1).clone().index_copy_(0, self.active_ids, W[:-1])
-        fb = b[-1:].expand(V).clone().index_copy_(0, self.active_ids, b[:-1])
-        return fw, fb
+        return self._spread(W, 0), self._spread(b, 0)
+
+    def _spread(self, compact: torch.Tensor, dim: int) -> torch.Tensor:
+        """Compact columns (active..., shared) along ``dim`` -> |V| along ``dim``: the shared one everywhere, active at their ids."""
+        shared = compact.narrow(dim, compact.shape[dim] - 1, 1)
+        size = list(compact.shape)
+        size[dim] = self.config.vocab_size
+        return shared.expand(size).index_copy(dim, self.active_ids, compact.narrow(dim, 0, compact.shape[dim] - 1))
 
     @torch.no_grad()
     def load_full_weights(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -131,8 +135,7 @@ class RecoverabilityHead(nn.Module):
             return scores
         # full-vocabulary logits: the shared score everywhere, the active columns at their ids. (B, V) is
         # small (it is the V x D weight that is large); gradients of the shared positions sum into one column.
-        full = scores[:, -1:].expand(-1, self.config.vocab_size)
-        return full.index_copy(1, self.active_ids, scores[:, :-1])
+        return self._spread(scores, 1)
 
     @classmethod
     def from_model(cls, loaded, layer: int, pooling: str, init: str = "prior", expected_bag_size: float = 32.0, active_ids=None):
