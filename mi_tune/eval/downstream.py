@@ -228,7 +228,7 @@ def draw_chart(results: dict, path: Path) -> None:
         w2 = 0.8 / len(others)
         for i, c in enumerate(others):
             vals = [results["tasks"][t]["delta"][c][results["tasks"][t]["main"]] for t in tasks]
-            ax.bar(x + (i - (len(others) - 1) / 2) * w2, vals, w2, label=f"{c} − {cols[0]}")
+            ax.bar(x + (i - (len(others) - 1) / 2) * w2, vals, w2, label=f"{c} − {cols[0]}", color=f"C{i + 1}")  # same colour as on the left
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(x, names, fontsize=8)
         ax.set_ylabel("Δ vs " + cols[0])
