@@ -39,7 +39,7 @@ class RecoverabilityHead(nn.Module):
     shared column is the same model with ~V/|active| times fewer parameters, gradients and Adam states
     (49,152 -> 21,099 columns for SmolLM2 on BBC News). Its weight gradient is scaled so that it counts
     as the sqrt(V - |active|) tied columns would in the gradient norm (clipping sees what it would see
-    for the full head; Adam's update is scale-free). Logits, losses, metrics and the saved files are
+    for the full head; Adam's update is scale-free up to its eps). Logits, losses, metrics and the saved files are
     full-vocabulary either way.
     """
 
