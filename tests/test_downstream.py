@@ -149,13 +149,12 @@ MTEB_MINILM_STSB = {"spearman": 0.8203247283076371, "pearson": 0.827406423969442
 
 
 @pytest.mark.slow
-def test_minilm_stsb_reproduces_the_published_mteb_number(tmp_path, monkeypatch):
+def test_minilm_stsb_reproduces_the_published_mteb_number(tmp_path):
     """Same protocol as MTEB (mean pooling, cosine, full 1,379-pair test split): agreement to 1e-5."""
     if not (SHARED_DATA / "stsb" / "test.jsonl").exists():
         pytest.skip("shared data not present")
-    monkeypatch.setenv("MI_TUNE_CACHE", str(tmp_path / "cache"))
     res = evaluate(MINILM, suite=ROOT / "eval" / "downstream-cpu.yaml", tasks=["stsb"], data_root=str(SHARED_DATA),
-                   out_dir=tmp_path / "out", max_length=128, tracking=False)
+                   out_dir=tmp_path / "out", max_length=128, cache=False, tracking=False)  # cache off: embedded now
     got = res["tasks"]["stsb"]["scores"]["base"]
     assert res["tasks"]["stsb"]["sizes"]["n_pairs"] == 1379 and res["pooling"] == "mean"
     assert got["spearman"] == pytest.approx(MTEB_MINILM_STSB["spearman"], abs=1e-5)
