@@ -146,7 +146,7 @@ def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_id
 
     from .decoders import bags_from_ids
     from .embedding import embed_token_ids, tokenize
-    from .eval.cache import cached_array, model_identity, texts_hash
+    from .eval.cache import cached_array, embedding_key
 
     s = recipe.check
     out = {}
@@ -159,8 +159,9 @@ def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_id
                 return embed_token_ids(model, seqs, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"base features ({name})")
 
         # Same base, texts, layer and pooling -> same features: runs of one recipe (seeds, LRs, the control) share them.
-        key = {"kind": "train-base-features", **(model_identity(location) if location else {}), "dtype": str(getattr(model, "dtype", recipe.model.dtype)), "quantization": recipe.model.quantization,
-               "texts": texts_hash(texts), "n": len(texts), "layer": head_cfg.layer, "pooling": head_cfg.pooling, "max_length": recipe.data.max_length}
+        key = location and embedding_key("train-base-features", location, texts, dtype=str(getattr(model, "dtype", recipe.model.dtype)),
+                                         quantization=recipe.model.quantization, layer=head_cfg.layer, pooling=head_cfg.pooling,
+                                         max_length=recipe.data.max_length)
         f, hit = cached_array(key, compute, enabled=location is not None)
         if hit:
             log(f"base features ({name}): {len(texts)} sentences from the feature cache")

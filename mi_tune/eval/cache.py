@@ -57,6 +57,12 @@ def model_identity(location) -> dict:
     return out
 
 
+def embedding_key(kind: str, location, texts: Sequence[str], **parts) -> dict:
+    """Cache key parts of pooled embeddings of ``texts`` by the model at ``location`` (plus layer, pooling,
+    max length, dtype, adapter... in ``parts``): what training's base features and the downstream runner share."""
+    return {"kind": kind, **model_identity(location), "texts": texts_hash(texts), "n": len(texts), **parts}
+
+
 def cache_key(**parts) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

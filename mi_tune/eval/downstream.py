@@ -118,7 +118,7 @@ def head_layer_pooling(adapter: str) -> tuple[int, str] | None:
 
 def make_embed(ready, adapter, layer: int, pooling: str, batch_size: int, use_cache: bool, stats: dict, label: str):
     """``embed(texts, role, max_length) -> (N, D)``, cached on disk by everything that determines the output."""
-    from .cache import adapter_identity, cached_array, texts_hash
+    from .cache import adapter_identity, cached_array, embedding_key
     from ..embedding import embed_texts
 
     loc = ready.loaded.location
@@ -128,9 +128,8 @@ def make_embed(ready, adapter, layer: int, pooling: str, batch_size: int, use_ca
         lengths = [len(ids) for ids in ready.tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]]
         stats["truncated"][task] = stats["truncated"].get(task, 0) + sum(n > max_length for n in lengths)
         stats["texts"][task] = stats["texts"].get(task, 0) + len(texts)
-        key = {"kind": "downstream-embeddings", "model": loc.spec, "revision": loc.revision, "adapter": adapter_identity(adapter),
-               "dtype": str(ready.loaded.dtype), "texts": texts_hash(texts), "n": len(texts), "layer": layer, "pooling": pooling,
-               "max_length": max_length}
+        key = embedding_key("downstream-embeddings", loc, texts, adapter=adapter_identity(adapter), dtype=str(ready.loaded.dtype),
+                            layer=layer, pooling=pooling, max_length=max_length)
         t0 = time.perf_counter()
         arr, hit = cached_array(key, lambda: embed_texts(ready.model, ready.tokenizer, texts, layer, pooling, max_length, batch_size,
                                                          progress=f"{label} {role}"), enabled=use_cache)
