@@ -267,6 +267,12 @@ def add_adapters(loaded: LoadedModel, settings: LoraSettings, gradient_checkpoin
     if not names:
         raise UserError(field_error("lora.target_modules", settings.target_modules, "names matching linear layers inside the blocks",
                                     "use 'all-linear' or names such as q_proj, v_proj"))
+    if settings.fused_mlp:
+        from .fused import fuse_gated_mlps
+
+        n = fuse_gated_mlps(peft_model)
+        if n:
+            log(f"fused LoRA MLP in {n} blocks (gate and up kept for backward, the rest recomputed; lora.fused_mlp: false turns it off)")
     loaded.model = peft_model
     return peft_model
 
