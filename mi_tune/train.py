@@ -86,8 +86,11 @@ def _recipe_diff(recipe: Recipe, saved_path: Path) -> list[str]:
 
     old = flatten(yaml.safe_load(saved_path.read_text()) or {})
     new = flatten(recipe.to_dict())
+    # a setting added to mi_tune after the run was saved is absent from its recipe.yaml: it had the default then
+    defaults = {k: v for k, v in flatten(Recipe().to_dict()).items() if not k.startswith("training.")}
     ignore = {"overwrite"}
-    return sorted(k for k in set(old) | set(new) if k not in ignore and not k.startswith("tracking.") and old.get(k) != new.get(k))
+    return sorted(k for k in set(old) | set(new)
+                  if k not in ignore and not k.startswith("tracking.") and old.get(k, defaults.get(k)) != new.get(k))
 
 
 def training_arguments(recipe: Recipe, dtype, output_dir: Path):

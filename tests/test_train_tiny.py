@@ -165,3 +165,23 @@ def test_kill_9_at_five_points_then_rerun_resumes_to_the_same_result(tmp_path):
     mb = json.loads((run / "metrics.json").read_text())["eval"]
     assert ma["eval_loss"] == pytest.approx(mb["eval_loss"], rel=1e-4)
     assert ma["eval_recoverability_acc"] == pytest.approx(mb["eval_recoverability_acc"], rel=1e-4)
+
+
+def test_recipe_saved_before_a_setting_existed_still_resumes(tmp_path):
+    """A run folder written before a recipe field was added (here lora.fused_mlp) has no such key in its
+    recipe.yaml; resuming it with the same recipe must not count the new field as a change."""
+    import yaml
+
+    from mi_tune.config import load_recipe
+    from mi_tune.train import _recipe_diff
+
+    recipe = load_recipe(str(ROOT / "recipes" / "tiny.yaml"), [])
+    saved = recipe.to_dict()
+    del saved["lora"]["fused_mlp"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert _recipe_diff(recipe, path) == []
+    saved["lora"]["r"] = recipe.lora.r + 1  # a real change is still caught
+    saved["lora"]["fused_mlp"] = False  # and so is a saved value that differs from the new one
+    path.write_text(yaml.safe_dump(saved))
+    assert _recipe_diff(recipe, path) == ["lora.fused_mlp", "lora.r"]
