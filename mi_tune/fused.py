@@ -149,14 +149,23 @@ def _fused_forward(self, x):
     return type(self).forward(self, x)
 
 
+def _weight_dtype(layer):
+    base = getattr(layer, "base_layer", layer)
+    return getattr(getattr(base, "weight", None), "dtype", None)
+
+
 def fuse_gated_mlps(model: nn.Module) -> int:
-    """Route the forward of every supported gated MLP in `model` through GatedLoraMLP. Returns how many."""
+    """Route the forward of every supported gated MLP in `model` through GatedLoraMLP. Returns how many.
+    MLPs whose projections cannot be fused as they stand (a quantized base layer, DoRA, ...) are left alone."""
     n = 0
     for module in model.modules():
-        if type(module).__name__ in GATED_MLP_CLASSES and _is_silu(getattr(module, "act_fn", None)) \
-                and all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj")):
-            module.forward = MethodType(_fused_forward, module)
-            n += 1
+        if type(module).__name__ not in GATED_MLP_CLASSES or not _is_silu(getattr(module, "act_fn", None)):
+            continue
+        projections = [getattr(module, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
+        if any(p is None or _parts(p, _weight_dtype(p)) is None for p in projections):
+            continue
+        module.forward = MethodType(_fused_forward, module)
+        n += 1
     return n
 
 

@@ -177,3 +177,21 @@ def test_recipe_switch_turns_fusion_off():
         return sum("forward" in m.__dict__ for m in peft.modules())
 
     assert adapted(True) == 2 and adapted(False) == 0
+
+
+def test_unfusable_projections_are_left_alone():
+    dora = get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=120, hidden_size=HIDDEN, intermediate_size=INTER,
+                                                       num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2)),
+                          LoraConfig(r=4, use_dora=True, target_modules=PROJ, layers_to_transform=list(range(N_LAYERS - 1))))
+    assert fuse_gated_mlps(dora) == 1  # only the final block, which has no (DoRA) adapters
+
+
+def test_quantized_base_is_left_alone():
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from .conftest import TINY
+
+    model = LlamaForCausalLM.from_pretrained(TINY, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map={"": "cpu"})
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=PROJ))
+    assert fuse_gated_mlps(peft) == 0  # bitsandbytes Linear4bit bases: the plain PEFT forward, and the log says nothing
