@@ -19,6 +19,7 @@ from types import MethodType
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 # MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
@@ -34,10 +35,6 @@ def _parts(layer, dtype):
     would not reproduce its forward."""
     if type(layer) is nn.Linear:
         return None if layer.weight.requires_grad or layer.weight.dtype != dtype else (layer.weight, layer.bias, None, None, 0.0, 0.0)
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return None
     if not isinstance(layer, LoraLinear) or type(layer.base_layer) is not nn.Linear or layer.merged:
         return None
     base = layer.base_layer
@@ -66,12 +63,8 @@ def _project(x, W, bias, A, B, scale, p):
     y = F.linear(x, W, bias)
     if A is None:
         return y, None, None
-    keep = None
-    if p > 0:
-        keep = torch.rand_like(x) >= p  # bool: one byte per element, kept instead of the dropped copy
-        xa = (x * keep / (1 - p)) @ A.t()
-    else:
-        xa = x @ A.t()
+    keep = torch.rand_like(x) >= p if p > 0 else None  # bool: one byte per element, kept instead of the dropped copy
+    xa = _dropped(x, keep, p) @ A.t()
     y.addmm_(xa, B.t(), alpha=scale)
     return y, xa, keep
 
