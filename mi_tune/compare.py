@@ -27,8 +27,9 @@ from pathlib import Path
 from .errors import UserError, cli_main
 
 # Table columns when no --metric is given (those present in at least one run), best first.
-DEFAULT_METRICS = ["heldout_enhanced_recoverability_acc", "heldout_base_recoverability_acc", "heldout_enhanced_mi_lb_bits",
-                   "eval_recoverability_acc", "eval_mi_lb_bits", "eval_loss", "train_loss", "train_runtime"]
+DEFAULT_METRICS = ["heldout_enhanced_recoverability_acc", "heldout_base_recoverability_acc", "heldout_delta_acc", "heldout_delta_acc_low",
+                   "heldout_delta_acc_high", "heldout_enhanced_mi_lb_bits",
+                   "eval_recoverability_acc", "eval_loss", "train_loss", "train_runtime"]
 CURVE_METRICS = ["loss", "recoverability_acc", "eval_loss", "eval_recoverability_acc"]
 PROBE_PREFIX, DOWNSTREAM_PREFIX = "probe_", "downstream_"
 IGNORED_PARAMS = {"run_name", "overwrite"}  # the run name is its own column; overwrite says nothing about results

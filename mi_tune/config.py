@@ -52,6 +52,8 @@ class DataConfig:
     eval_fraction: float = 0.05  # used when eval_split is null
     text_field: str = "text"  # column holding the text (ignored for plain text files)
     unit: Literal["line", "paragraph", "document"] = "paragraph"  # how plain text files are cut into examples
+    split_by: Literal["document", "unit"] = "document"  # held-out carve: whole source documents (no leak) or units
+    document_field: Optional[str] = None  # table column naming each row's document (rows sharing it stay together)
     max_length: int = 128  # tokens per example; longer ones are truncated (counted and printed)
     min_words: int = 5  # drop examples with fewer words (headings, blank lines)
     max_train_samples: Optional[int] = None
@@ -100,6 +102,11 @@ class CheckSettings:
     train_sentences: int = 1000  # fitted on this many training sentences
     eval_sentences: int = 300  # evaluated on this many held-out sentences
     ridge_lambda: float = 1.0
+    bootstrap_resamples: int = 2000  # paired bootstrap of every base -> enhanced difference (95% percentile interval)
+    # out-of-domain sets scored by the same fresh decoder: a source (Hub name, file, folder, pypi:) or
+    # {source, name, text_field, split}; each contributes its first ood_sentences cleaned units
+    ood: list[Union[str, dict]] = field(default_factory=list)
+    ood_sentences: int = 300
 
 
 @dataclass

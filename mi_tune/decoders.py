@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from .losses import recoverability_loss
-from .metrics import bag_cosine, fano_mi_lower_bound_bits, recoverability_accuracy
+from .metrics import (CALIBRATION_SENTENCES, bag_cross_entropy_bits, bag_token_entropy_bits, calibrate, compact_log_q, compact_prior,
+                      information)
 
 # GCV grid for the ridge strength (multiplies N, on z-scored features): 1e-4 .. 1e2 in half decades.
 RIDGE_GCV_GRID = tuple(10.0 ** (k / 2) for k in range(-8, 5))
@@ -168,20 +169,104 @@ def fit_bce(X: np.ndarray | torch.Tensor, Y: torch.Tensor, epochs: int = 100, lr
     return LinearDecoders(mean, std, W.detach(), b.detach(), active, Y.shape[1])
 
 
-def evaluate_scores(scores: torch.Tensor, Y: torch.Tensor, vocab_size: int, token_entropy_bits: float | None = None,
-                    linear: bool = False) -> dict:
-    """Recoverability metrics of decoder scores (N, V) against bags (N, V).
+def compact_bags(bags: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) bags -> ((N, A) restricted to the seen ids, (N,) float count of the other bag ids)."""
+    ya = bags[:, active]
+    return ya, (bags.sum(1, dtype=torch.float32) - ya.sum(1, dtype=torch.float32))
 
-    ``linear``: the scores are least-squares predictions of the bag (ridge), so the predicted
-    probabilities for the cosine are the scores clipped to [0, 1]; otherwise they are logits.
+
+def compact_metrics(C: torch.Tensor, ya: torch.Tensor, u: torch.Tensor, unseen: int, linear: bool):
+    """Accuracy and cosine of full-vocabulary scores given in compact form, per sentence.
+
+    C: (B, A+1) scores (last column: the ``unseen`` ids never seen in training, all tied); ya: (B, A) bag
+    restricted to the A seen ids; u: (B,) bag ids among the unseen ones. Returns (acc (B,), cos (B,),
+    idx (B, kmax) top active columns in decreasing score, n_active (B,) how many of them are in the top-k).
+    The tied block of unseen ids counts its expected hits under a random choice among them (u/U per slot).
+    Sentences with an empty bag get NaN.
     """
-    acc = recoverability_accuracy(scores, Y)
-    acc = float(acc[~torch.isnan(acc)].mean())
-    probs = scores.clamp(0, 1) if linear else torch.sigmoid(scores)
-    cos = float(bag_cosine(probs, Y).mean())
-    out = {"recoverability_acc": acc, "cosine": cos,
-           "mi_lb_bits": fano_mi_lower_bound_bits(acc, vocab_size)}
-    if token_entropy_bits is not None:
-        out["mi_lb_bits_empirical"] = fano_mi_lower_bound_bits(acc, vocab_size, token_entropy_bits)
-    return out
+    Ca, s = C[:, :-1], C[:, -1]  # (B, A), (B,)
+    k = ya.sum(1) + u  # (B,) bag sizes
+    kmax = max(1, min(int(k.max()), Ca.shape[1]))
+    vals, idx = Ca.topk(kmax, dim=1)  # (B, kmax)
+    pos = torch.arange(kmax).unsqueeze(0)  # (1, kmax)
+    above = ((vals > s.unsqueeze(1)) & (pos < k.unsqueeze(1))).sum(1)  # (B,) seen ids ranked above the tied block
+    shared = torch.minimum(k - above, torch.full_like(k, float(unseen)))  # (B,) top-k slots taken by never-seen ids
+    n_active = (k - shared).long()  # (B,)
+    hits = (ya.gather(1, idx) * (pos < n_active.unsqueeze(1))).sum(1) + shared * u / max(unseen, 1)
+    acc = hits / k
+    P = C.clamp(0, 1) if linear else torch.sigmoid(C)  # (B, A+1) predicted probabilities
+    Pa, ps = P[:, :-1], P[:, -1]
+    dot = (Pa * ya).sum(1) + u * ps
+    norm = torch.sqrt((Pa ** 2).sum(1) + unseen * ps ** 2) * torch.sqrt(k)
+    cos = dot / norm.clamp(min=1e-12)
+    empty = k == 0
+    return acc.masked_fill(empty, float("nan")), cos.masked_fill(empty, float("nan")), idx, n_active
 
+
+ROW_CHUNK = 512  # sentences scored at once: (512, A+1) compact scores, ~20 MB for A = 10k
+
+
+@dataclass
+class BagSet:
+    """The bags of one set restricted to a decoder's seen ids, plus what the information metrics need."""
+
+    ya: torch.Tensor  # (N, A) bag on the seen ids
+    u: torch.Tensor  # (N,) bag ids never seen in training
+    entropy_bits: float  # plug-in H(T) of the set (metrics.bag_token_entropy_bits)
+    max_bag: int  # the list size of the list-Fano bound
+
+    @classmethod
+    def of(cls, bags: torch.Tensor, active: torch.Tensor) -> "BagSet":
+        ya, u = compact_bags(bags, active)
+        k = ya.sum(1, dtype=torch.float32) + u
+        return cls(ya, u, bag_token_entropy_bits(bags), int(k.max()) if k.numel() else 0)
+
+
+class InformationProbe:
+    """Scores one decoder layer on sets and turns them into per-sentence accuracy, cosine and cross-entropy.
+
+    q(t|E) for the variational bound is fitted (temperature and prior mix, metrics.calibrate) on the decoder's
+    training sentences, before any evaluation set is scored.
+    """
+
+    def __init__(self, dec: LinearDecoders, j: int, X_train, train: BagSet, linear: bool):
+        self.dec, self.j, self.linear = dec, j, linear
+        self.unseen = dec.vocab_size - len(dec.active)
+        self.log_prior = compact_prior(train.ya, dec.vocab_size)
+        n = min(CALIBRATION_SENTENCES, len(train.u))
+        chunks = [(dec.compact_scores(torch.as_tensor(X_train[s: s + ROW_CHUNK][: n - s]), j), train.ya[s: min(s + ROW_CHUNK, n)],
+                   train.u[s: min(s + ROW_CHUNK, n)]) for s in range(0, n, ROW_CHUNK)]
+        self.tau, self.alpha = calibrate(chunks, self.unseen, self.log_prior)
+
+    def per_sentence(self, X, bs: BagSet, keep_top: bool = False) -> dict:
+        """{"acc", "cos", "ce_bits"}: (N,) each; with ``keep_top`` also the top ids per sentence for BLEU/ROUGE."""
+        out = {"acc": [], "cos": [], "ce_bits": [], "idx": [], "n_active": []}
+        for s in range(0, len(bs.u), ROW_CHUNK):
+            C = self.dec.compact_scores(torch.as_tensor(X[s: s + ROW_CHUNK]), self.j)  # (B, A+1)
+            ya, u = bs.ya[s: s + ROW_CHUNK].float(), bs.u[s: s + ROW_CHUNK]
+            acc, cos, idx, n_active = compact_metrics(C, ya, u, self.unseen, self.linear)
+            ce = bag_cross_entropy_bits(*compact_log_q(C, self.unseen, self.tau, self.alpha, *self.log_prior), ya, u)
+            out["acc"].append(acc), out["cos"].append(cos), out["ce_bits"].append(ce)
+            if keep_top:
+                out["idx"].append(idx), out["n_active"].append(n_active)
+        res = {k: torch.cat(out[k]) for k in ("acc", "cos", "ce_bits")}
+        if keep_top:
+            res["top"] = list(zip(out["idx"], out["n_active"]))
+        return res
+
+    def summary(self, per: dict, bs: BagSet) -> dict:
+        acc = float(torch.nanmean(per["acc"]))
+        return {"recoverability_acc": acc, "cosine": float(torch.nanmean(per["cos"])),
+                **information(acc, float(torch.nanmean(per["ce_bits"])), bs.entropy_bits, self.dec.vocab_size, bs.max_bag),
+                "q_temperature": self.tau, "q_prior_mix": self.alpha}
+
+
+def prior_per_sentence(train_ya: torch.Tensor, bs: BagSet, vocab_size: int) -> torch.Tensor:
+    """(N,) accuracy of the no-feature baseline: every sentence gets the same ranking, the ids' training bag frequency.
+
+    Any decoder's intercept starts from this ranking, so a decoder's accuracy means something only above it.
+    """
+    A = train_ya.shape[1]
+    scores = torch.cat([train_ya.float().mean(0), torch.zeros(1)])  # (A+1,): never-seen ids have frequency 0
+    return torch.cat([compact_metrics(scores.expand(len(bs.u[i: i + ROW_CHUNK]), -1), bs.ya[i: i + ROW_CHUNK].float(),
+                                      bs.u[i: i + ROW_CHUNK], vocab_size - A, linear=True)[0] for i in range(0, len(bs.u), ROW_CHUNK)])

@@ -1,4 +1,24 @@
-"""Pure recoverability metrics: accuracy (precision@|bag|), cosine, entropies, Fano bound in bits."""
+"""Pure recoverability metrics: accuracy (precision@|bag|), cosine, and information in bits.
+
+Information (DESIGN.md section 2). T is a token drawn uniformly from a sentence's bag (sentence uniform over
+the evaluation set), E the sentence's pooled embedding. Only two quantities are called lower bounds:
+
+- ``mi_variational_lb_bits`` = H(T) - CE, where CE = E[-log2 q(T|E)] is the held-out cross-entropy of ANY
+  distribution q over the vocabulary fixed before the evaluation set is seen (Barber-Agakov: CE >= H(T|E)).
+  Assumption: evaluation sentences are i.i.d. draws; H(T) and CE are sample means over them.
+- ``mi_fano_list_lb_bits`` = H(T) - [H_b(Pe) + Pe log2(|V|-k) + (1-Pe) log2 k] (Fano for a list of k guesses,
+  Pe = 1 - precision@|bag|). k = the largest bag of the set: a top-|bag| list is contained in the top-k_max
+  list of the same scores, so padding only lowers Pe; the bound is monotone in Pe below 1 - k/|V|.
+- ``mi_lb_bits`` = the larger of the two, clipped at 0.
+
+H(T) is the plug-in entropy of the evaluation set's bag tokens (``bag_token_entropy_bits``). The plug-in
+estimator is biased low (E[H_hat] <= H), which lowers the bound: we leave it uncorrected, on the safe side.
+On one sample, H_hat is the smallest cross-entropy any E-independent q can reach, so a decoder that ignores
+E (the no-feature prior) gets exactly 0 bits.
+
+``mi_fano_uniform_bits`` is the paper's estimate: single-guess Fano with H(T) = log2|V|. log2|V| is an
+upper bound on H(T), so this is NOT a lower bound on I(T;E); it is reported only to compare with the paper.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +27,13 @@ import math
 import numpy as np
 import torch
 
+LN2 = math.log(2.0)
+# q(t|E) = (1 - alpha) softmax(tau * scores) + alpha * prior: the grid searched on the decoder's TRAINING sentences
+TEMPERATURES = tuple(2.0 ** k for k in range(-2, 8))
+PRIOR_MIX = (0.01, 0.05, 0.2, 0.5)
+PRIOR_FLOOR = 1e-2  # prior = (1 - floor) * training bag-token frequencies + floor * uniform: every id gets mass
+CALIBRATION_SENTENCES = 256  # training sentences the (tau, alpha) grid is searched on
+
 
 def binary_entropy_bits(p: float) -> float:
     if p <= 0.0 or p >= 1.0:
@@ -14,23 +41,111 @@ def binary_entropy_bits(p: float) -> float:
     return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
-def fano_mi_lower_bound_bits(accuracy: float, vocab_size: int, token_entropy_bits: float | None = None) -> float:
-    """I(T;E) >= H(T) - H_b(Pe) - Pe*log2(|V|-1), clipped at 0.
+def fano_uniform_estimate_bits(accuracy: float, vocab_size: int) -> float:
+    """The paper's estimate: log2|V| - H_b(Pe) - Pe log2(|V|-1), Pe = 1 - accuracy, clipped at 0.
 
-    H(T) defaults to log2|V| (the paper's uniform-token assumption); pass the empirical unigram
-    entropy of the evaluation corpus for the tighter variant. Vacuous (0) at low accuracy.
+    Uses H(T) = log2|V| (uniform tokens) and a single guess. NOT a lower bound on I(T;E): log2|V| over-states H(T).
     """
     pe = min(max(1.0 - accuracy, 0.0), 1.0)
-    h_t = math.log2(vocab_size) if token_entropy_bits is None else token_entropy_bits
-    bound = h_t - binary_entropy_bits(pe) - pe * math.log2(vocab_size - 1)
-    return max(bound, 0.0)
+    return max(math.log2(vocab_size) - binary_entropy_bits(pe) - pe * math.log2(vocab_size - 1), 0.0)
+
+
+def fano_list_lower_bound_bits(accuracy: float, vocab_size: int, list_size: int, token_entropy_bits: float) -> float:
+    """I(T;E) >= H(T) - H_b(Pe) - Pe log2(|V|-k) - (1-Pe) log2 k, Pe = 1 - accuracy of a k-guess list; clipped at 0.
+
+    Valid for the accuracy of any list of at most k guesses that is a function of E (see the module docstring).
+    """
+    k = max(1, min(int(list_size), vocab_size - 1))
+    pe = min(max(1.0 - accuracy, 0.0), 1.0)
+    h_cond = binary_entropy_bits(pe) + pe * math.log2(vocab_size - k) + (1 - pe) * math.log2(k)
+    return max(token_entropy_bits - h_cond, 0.0)
+
+
+def variational_lower_bound_bits(token_entropy_bits: float, cross_entropy_bits: float) -> float:
+    """I(T;E) >= H(T) - CE (CE: held-out cross-entropy of a fixed q(t|E), bits), clipped at 0."""
+    return max(token_entropy_bits - cross_entropy_bits, 0.0)
+
+
+def bag_token_distribution(bags: torch.Tensor) -> torch.Tensor:
+    """(N, V) multi-hot bags -> (V,) distribution of T: a sentence uniformly, then a token uniformly from its bag."""
+    Y = torch.as_tensor(bags).float()
+    k = Y.sum(1, keepdim=True)  # (N, 1)
+    keep = k[:, 0] > 0
+    return (Y[keep] / k[keep]).mean(0)
+
+
+def entropy_bits(p: torch.Tensor) -> float:
+    p = torch.as_tensor(p, dtype=torch.float64)
+    p = p[p > 0]
+    p = p / p.sum()
+    return float(-(p * torch.log2(p)).sum())
+
+
+def bag_token_entropy_bits(bags: torch.Tensor) -> float:
+    """Plug-in H(T) of a set's bags, T as in ``bag_token_distribution`` (biased low; see the module docstring)."""
+    return entropy_bits(bag_token_distribution(bags))
 
 
 def unigram_entropy_bits(token_counts: np.ndarray | torch.Tensor) -> float:
     """Entropy in bits of the empirical token distribution given counts per vocabulary id."""
-    c = torch.as_tensor(token_counts, dtype=torch.float64)
-    p = c[c > 0] / c.sum()
-    return float(-(p * torch.log2(p)).sum())
+    return entropy_bits(torch.as_tensor(token_counts, dtype=torch.float64))
+
+
+def compact_log_q(C: torch.Tensor, unseen: int, tau: float, alpha: float, log_prior_a: torch.Tensor,
+                  log_prior_u: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q(t|E) (nats) of every vocabulary id from compact scores.
+
+    C: (B, A+1) scores, the last column shared by ``unseen`` ids. q = (1-alpha) softmax(tau C) + alpha prior over
+    the full vocabulary. Returns ((B, A) log q of the seen ids, (B,) log q of EACH unseen id).
+    """
+    S = tau * C.float()  # (B, A+1)
+    parts = [S[:, :-1]] + ([S[:, -1:] + math.log(unseen)] if unseen else [])
+    Z = torch.logsumexp(torch.cat(parts, 1), 1, keepdim=True)  # (B, 1)
+    la = torch.logaddexp(math.log1p(-alpha) + S[:, :-1] - Z, math.log(alpha) + log_prior_a)  # (B, A)
+    lu = torch.logaddexp(math.log1p(-alpha) + S[:, -1] - Z[:, 0], torch.tensor(math.log(alpha) + log_prior_u))  # (B,)
+    return la, lu
+
+
+def bag_cross_entropy_bits(log_q_a: torch.Tensor, log_q_u: torch.Tensor, ya: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per sentence -E_T[log2 q(T|E)], T uniform over the bag. ya: (B, A) bag on seen ids, u: (B,) bag ids unseen. -> (B,)"""
+    k = ya.sum(1) + u  # (B,)
+    nll = -((log_q_a * ya).sum(1) + u * log_q_u) / k.clamp(min=1) / LN2
+    return nll.masked_fill(k == 0, float("nan"))
+
+
+def compact_prior(train_bags_a: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, float]:
+    """log of the smoothed training bag-token distribution: ((A,) seen ids, one value for each unseen id)."""
+    k = train_bags_a.sum(1, keepdim=True).clamp(min=1)
+    p_a = (train_bags_a.float() / k).mean(0)  # (A,): the seen ids carry all training mass
+    p_a = p_a / p_a.sum().clamp(min=1e-12)
+    floor = PRIOR_FLOOR / vocab_size
+    return torch.log((1 - PRIOR_FLOOR) * p_a + floor), math.log(floor)
+
+
+def calibrate(score_chunks, unseen: int, log_prior: tuple[torch.Tensor, float]) -> tuple[float, float]:
+    """(tau, alpha) of the grid with the lowest mean bag cross-entropy on calibration data.
+
+    ``score_chunks``: list of (C (B, A+1), ya (B, A), u (B,)) of the decoder's TRAINING sentences (never the
+    evaluation set, so q stays fixed before the evaluation set is seen and H(T) - CE stays a bound).
+    """
+    best, best_ce = (1.0, PRIOR_MIX[-1]), math.inf
+    for tau in TEMPERATURES:
+        for alpha in PRIOR_MIX:
+            ce = torch.cat([bag_cross_entropy_bits(*compact_log_q(C, unseen, tau, alpha, *log_prior), ya.float(), u)
+                            for C, ya, u in score_chunks])
+            m = float(torch.nanmean(ce))
+            if m < best_ce:
+                best, best_ce = (tau, alpha), m
+    return best
+
+
+def information(accuracy: float, ce_bits: float, token_entropy_bits: float, vocab_size: int, list_size: int) -> dict:
+    """All information quantities of one decoder on one set (bits); names say which are bounds."""
+    var = variational_lower_bound_bits(token_entropy_bits, ce_bits)
+    fano = fano_list_lower_bound_bits(accuracy, vocab_size, list_size, token_entropy_bits)
+    return {"mi_lb_bits": max(var, fano), "mi_variational_lb_bits": var, "mi_fano_list_lb_bits": fano,
+            "mi_fano_uniform_bits": fano_uniform_estimate_bits(accuracy, vocab_size),
+            "cross_entropy_bits": ce_bits, "token_entropy_bits": token_entropy_bits}
 
 
 @torch.no_grad()

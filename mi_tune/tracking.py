@@ -583,7 +583,7 @@ def build_mlflow_model(run_dir: Path, dst: Path, model_config: dict) -> tuple[Pa
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     scores = {}
     for m in ("base", "enhanced"):
-        r = metrics.get("heldout_check", {}).get(m, {})
+        r = metrics.get("heldout_check", {}).get("heldout", {}).get(m, {})
         if "recoverability_acc" in r:
             scores[f"heldout_{m}_recoverability_acc"] = r["recoverability_acc"]
     meta = {"base_model": model_config.get("base_model") or head_cfg.get("base_model", ""), "layer": head_cfg.get("layer"),

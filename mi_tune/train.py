@@ -139,67 +139,6 @@ def corpus_token_ids(seqs, exclude: set) -> list[int]:
     return [int(t) for t in present if int(t) not in exclude]
 
 
-def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_ids, n_train: int, location=None):
-    """Frozen base-model features (adapters disabled) of the check's sentences, computed once before training.
-
-    Returns seqs, features (1, N, D) and bags (N, V) for {"train", "heldout"}. The same base features serve the
-    head's warm start and the base row of the final check.
-    """
-    import torch
-
-    from .decoders import bags_from_ids
-    from .embedding import embed_token_ids, tokenize
-    from .eval.cache import cached_array, embedding_key
-
-    s = recipe.check
-    out = {}
-    splits = [("train", corpus.train[:n_train])] + ([("heldout", corpus.eval[-s.eval_sentences:])] if s.enabled else [])
-    for name, texts in splits:
-        seqs = tokenize(tokenizer, texts, recipe.data.max_length)
-
-        def compute(seqs=seqs, name=name):
-            with model.disable_adapter():
-                return embed_token_ids(model, seqs, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"base features ({name})")
-
-        # Same base, texts, layer and pooling -> same features: runs of one recipe (seeds, LRs, the control) share them.
-        key = location and embedding_key("train-base-features", location, texts, dtype=str(getattr(model, "dtype", recipe.model.dtype)),
-                                         quantization=recipe.model.quantization, layer=head_cfg.layer, pooling=head_cfg.pooling,
-                                         max_length=recipe.data.max_length)
-        f, hit = cached_array(key, compute, enabled=location is not None)
-        if hit:
-            log(f"base features ({name}): {len(texts)} sentences from the feature cache")
-        out[name] = (seqs, torch.from_numpy(f).transpose(0, 1), bags_from_ids(seqs, head_cfg.vocab_size, exclude_ids))
-    return out
-
-
-def heldout_check(model, tokenizer, base: dict, recipe: Recipe, head_cfg) -> dict:
-    """Base vs enhanced, measured the same way: a fresh linear decoder on frozen features of each."""
-    import torch
-
-    from .decoders import evaluate_scores, fit_bce, fit_ridge
-    from .embedding import embed_token_ids
-
-    s = recipe.check
-    n_tr = min(s.train_sentences, len(base["train"][0]))
-    results = {}
-    for name in ("base", "enhanced"):
-        feats = {}
-        for split in ("train", "heldout"):
-            seqs, X, Y = base[split]
-            if split == "train":
-                seqs, X, Y = seqs[:n_tr], X[:, :n_tr], Y[:n_tr]
-            if name == "enhanced":
-                f = embed_token_ids(model, seqs, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"enhanced features ({split})")
-                X = torch.from_numpy(f).transpose(0, 1)  # (1, N, D)
-            feats[split] = (X, Y)
-        (X_tr, Y_tr), (X_ev, Y_ev) = feats["train"], feats["heldout"]
-        dec = fit_ridge(X_tr, Y_tr, s.ridge_lambda) if s.decoder == "ridge" else fit_bce(X_tr, Y_tr)
-        results[name] = evaluate_scores(dec.scores(X_ev[0], 0), Y_ev, head_cfg.vocab_size, linear=s.decoder == "ridge")
-    results["setup"] = {"decoder": s.decoder, "train_sentences": n_tr, "heldout_sentences": int(base["heldout"][1].shape[1]),
-                        "layer": head_cfg.layer, "pooling": head_cfg.pooling, "vocab_size": head_cfg.vocab_size}
-    return results
-
-
 def run_readme(recipe: Recipe, info: dict, final: dict) -> str:
     """A short note in the run folder: what it is and how to load it (the Hub model card is built by mi_tune.push)."""
     lines = [f"# {recipe.run_name}", "",
@@ -211,30 +150,11 @@ def run_readme(recipe: Recipe, info: dict, final: dict) -> str:
              f"ready = load_ready(adapter={str(recipe.run_dir)!r})", "```", ""]
     chk = final.get("heldout_check")
     if chk:
-        lines += ["Held-out recoverability (fresh decoder on frozen features):", "",
-                  "| model | accuracy | MI lower bound (bits) |", "|---|---|---|"]
-        lines += [f"| {m} | {chk[m]['recoverability_acc']:.4f} | {chk[m]['mi_lb_bits']:.3f} |" for m in ("base", "enhanced")]
+        from .check import check_table
+
+        lines += ["Recoverability of the embedding (fresh decoder on frozen features of base and enhanced; "
+                  f"{chk['setup']['bootstrap']}; * = interval excludes 0):", ""] + check_table(chk) + [""]
     return "\n".join(lines) + "\n"
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def print_check(check: dict) -> None:
-    s = check["setup"]
-    print(f"\nheld-out recoverability of the embedding (layer {s['layer']}, {s['pooling']} pooling): fresh {s['decoder']} decoder "
-          f"fitted on {s['train_sentences']} training sentences of frozen features, evaluated on {s['heldout_sentences']} held-out sentences")
-    print(f"  {'model':<10} {'accuracy':>9} {'cosine':>8} {'MI lower bound (bits, uniform H(T))':>36}")
-    for name in ("base", "enhanced"):
-        r = check[name]
-        print(f"  {name:<10} {r['recoverability_acc']:>9.4f} {r['cosine']:>8.4f} {r['mi_lb_bits']:>36.3f}")
-    delta = check["enhanced"]["recoverability_acc"] - check["base"]["recoverability_acc"]
-    print(f"  change     {delta:>+9.4f}")
 
 
 @cli_main
@@ -255,11 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import set_seed
 
     from . import __version__
+    from .check import base_features, flat_metrics, heldout_check, ood_sets, print_check
     from .data import PadCollator, load_corpus, tokenize_corpus
     from .head import RecoverabilityHead
     from .modeling import add_adapters, check_layer, default_pooling, load_model
     from .tracking import NullTracker, git_commit, start_tracking
-    from .trainer import RecoverabilityModel, RecoverabilityTrainer, TrackingCallback, incomplete_checkpoints, newest_complete_checkpoint
+    from .trainer import (RecoverabilityModel, RecoverabilityTrainer, TrackingCallback, incomplete_checkpoints, newest_complete_checkpoint,
+                          write_marker)
 
     # ---- run folder (TrainingArguments validated first: a bad value fails before anything is written) ----
     from .modeling import resolve_dtype
@@ -295,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         set_seed(recipe.seed)
         gc = bool(recipe.training.get("gradient_checkpointing", False))
         loaded = load_model(recipe.model, for_training=True)
+        write_marker("startup")  # test hook (MI_TUNE_TEST_MARKERS): mi_tune and the model are loaded, no step taken
+        from .trainer import write_marker; write_marker("startup")  # TEMP-SUBAGENT
         layer = check_layer(recipe.objective.layer, loaded.num_hidden_states, recipe.model.source)
         pooling = default_pooling(loaded.kind) if recipe.objective.pooling == "auto" else recipe.objective.pooling
         if recipe.objective.lm_weight > 0 and loaded.kind != "decoder":
@@ -306,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # ---- data ----
         corpus = load_corpus(recipe.data)
+        ood = ood_sets(recipe) if recipe.check.enabled else []
         train_ds = tokenize_corpus(tok, corpus.train, recipe.data.max_length, corpus.stats, "train")
         eval_cap = recipe.data.max_eval_samples or len(corpus.eval)
         eval_ds = tokenize_corpus(tok, corpus.eval[:eval_cap], recipe.data.max_length, corpus.stats, "eval")
@@ -326,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         need_warm = recipe.head.init == "fit" and resume is None
         if need_warm or (recipe.check.enabled and main_proc):
             n = max(recipe.check.train_sentences if recipe.check.enabled else 0, recipe.head.warm_start_sentences if need_warm else 0)
-            base = base_features(peft_model, tok, corpus, recipe, head.config, exclude, n, location=loaded.location)
+            base = base_features(peft_model, tok, corpus, recipe, head.config, exclude, n, ood, location=loaded.location)
         if need_warm:
             from .decoders import fit_bce
 
@@ -365,10 +290,10 @@ def main(argv: list[str] | None = None) -> None:
 
         # ---- held-out check: base vs enhanced, fresh decoders on frozen features ----
         if recipe.check.enabled:
-            final["heldout_check"] = heldout_check(peft_model, tok, base, recipe, head.config)
+            docs = {k: corpus.stats[k] for k in ("split_by", "train_documents", "eval_documents", "shared_documents")}
+            final["heldout_check"] = heldout_check(peft_model, tok, base, recipe, head.config, docs)
             print_check(final["heldout_check"])
-            flat = {f"heldout_{m}_{k}": v for m in ("base", "enhanced") for k, v in final["heldout_check"][m].items()}
-            tracker.log_metrics(flat, step=trainer.state.global_step)
+            tracker.log_metrics(flat_metrics(final["heldout_check"]), step=trainer.state.global_step)
         atomic_write(run_dir / METRICS_FILE, json.dumps(final, indent=2, default=float))
         atomic_write(run_dir / "README.md", run_readme(recipe, info, final))
 

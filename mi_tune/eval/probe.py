@@ -22,9 +22,14 @@ Metrics per layer and data set (DESIGN.md section 2):
   under this order the hits are a subsequence of the sentence and the misses never occur in it, so the
   LCS is the number of hits and ROUGE-L equals ROUGE-1 (tests/test_probe.py checks it with rouge-score).
   Computed on the first ``text_metrics_sentences`` sentences of each (already shuffled) set.
-- ``mi_lb_bits``: Fano lower bound on I(T;E) in bits with H(T) = log2|V| (the paper's uniform-token
-  assumption), from the mean accuracy; ``mi_lb_bits_empirical`` with H(T) = the set's empirical unigram
-  entropy (``token_entropy_bits``). |V| is always the model's full vocabulary.
+- Information in bits (mi_tune/metrics.py has the formulas and assumptions): ``mi_lb_bits``, the only
+  quantity called a lower bound on I(T;E), = max(``mi_variational_lb_bits`` (H(T) - held-out cross-entropy
+  of the decoder's scores normalised over the vocabulary), ``mi_fano_list_lb_bits`` (Fano for a list of k
+  guesses)), H(T) = the set's plug-in bag-token entropy (``token_entropy_bits``); ``mi_fano_uniform_bits``
+  is the paper's estimate (H(T) = log2|V|, one guess), not a bound. |V| is the model's full vocabulary.
+- ``prior_acc``: the no-feature baseline (ids ranked by training bag frequency).
+Intervals: per set, paired bootstrap 95% (mi_tune/stats.py) of best - last layer, of each layer's gain over
+the prior at the best and last layer, and of adapter - base at the base's best and last layers.
 
 The decoders are full-vocabulary but stored compactly (mi_tune/decoders.py): one column per id seen in a
 training bag and one shared column for the U ids never seen, which all get the same score. The metrics are
@@ -52,12 +57,12 @@ from typing import Literal, Optional, Union
 import numpy as np
 import torch
 
+from ..decoders import ROW_CHUNK
 from ..config import ModelConfig, Pooling, TrackingSettings, _build, flatten, merge, parse_overrides
 from ..errors import UserError, field_error
 from ..modeling import log
 
 FEATURES_VERSION = "probe-features-v1"  # bump when the feature computation changes (invalidates the cache)
-ROW_CHUNK = 512  # sentences scored at once: (512, A+1) compact scores, ~20 MB for A = 10k
 DECODER_MEMORY = 1.0e9  # bytes of decoder weights (+ Adam state for BCE) fitted at once; sets the layer chunk
 
 METRICS = {  # key -> axis label (with units); order = plot and table order
@@ -66,11 +71,15 @@ METRICS = {  # key -> axis label (with units); order = plot and table order
     "bleu": "BLEU of recovered tokens (sacrebleu, 0-100)",
     "rouge1_f": "ROUGE-1 F1 of recovered tokens (0-1)",
     "rouge2_f": "ROUGE-2 F1 of recovered tokens (0-1)",
-    "mi_lb_bits": "Fano lower bound on I(T;E), H(T)=log2|V| (bits)",
-    "mi_lb_bits_empirical": "Fano lower bound on I(T;E), empirical H(T) (bits)",
+    "mi_lb_bits": "lower bound on I(T;E): max(variational, list-Fano) (bits)",
+    "mi_variational_lb_bits": "variational lower bound H(T) - CE (bits)",
+    "mi_fano_list_lb_bits": "list-Fano lower bound, k = largest bag (bits)",
+    "mi_fano_uniform_bits": "paper's estimate, H(T)=log2|V| (bits, NOT a bound)",
 }
 COLUMNS = ["model", "variant", "kind", "pooling", "decoder", "layer", "num_blocks", "depth", "set", "role", "sentences",
-           "text_metric_sentences", "vocab_size", "token_entropy_bits", *METRICS, "prior_acc", "ridge_lambda", "source", "adapter"]
+           "text_metric_sentences", "vocab_size", "token_entropy_bits", *METRICS, "cross_entropy_bits", "prior_acc", "q_temperature",
+           "q_prior_mix", "ridge_lambda", "source", "adapter"]
+PER_SENTENCE = ("_acc", "_prior")  # row keys holding per-sentence arrays (for the intervals); not written to the tables
 
 
 # =============================================================================================
@@ -242,8 +251,8 @@ def read_set(spec: ProbeData, role: str, cap: int, suite: ProbeSuite, data_root:
     src = resolve_source(spec.source, data_root)
     cfg = DataConfig(source=src, text_field=spec.text_field, split=spec.split, config_name=spec.config_name, revision=spec.revision)
     stats: dict = {}
-    raw = read_source(src, cfg, spec.split, stats, f"{role}.source ({name})")
-    texts = clean(raw, suite.min_words, stats, role)
+    documents = read_source(src, cfg, spec.split, stats, f"{role}.source ({name})")
+    texts = clean([t for d in documents for t in d], suite.min_words, stats, role)
     random.Random(f"{suite.seed}-{name}").shuffle(texts)  # then the cap takes a random sample
     used = texts[:cap]
     if not used:
@@ -375,94 +384,39 @@ class ScoredSet:
     seqs: list[list[int]]  # token ids as fed to the model (truncated, with specials)
     sentences: list[list[int]]  # the same without special/pad ids: the "original tokens"
     bags: torch.Tensor  # (N, V) uint8 multi-hot
-    entropy_bits: float  # empirical unigram entropy of the set's tokens
 
 
 def scored_set(name: str, role: str, seqs: list[list[int]], vocab_size: int, exclude_ids) -> ScoredSet:
     from ..decoders import bags_from_ids
-    from ..metrics import unigram_entropy_bits
 
     ex = set(exclude_ids)
     sentences = [[t for t in s if t not in ex and 0 <= t < vocab_size] for s in seqs]
-    counts = np.bincount(np.fromiter((t for s in sentences for t in s), dtype=np.int64), minlength=vocab_size)
-    return ScoredSet(name, role, seqs, sentences, bags_from_ids(seqs, vocab_size, exclude_ids).to(torch.uint8),
-                     unigram_entropy_bits(counts))
+    return ScoredSet(name, role, seqs, sentences, bags_from_ids(seqs, vocab_size, exclude_ids).to(torch.uint8))
 
 
 MISS = -1  # written for a top-k slot filled from the tied never-seen block: never in a sentence, so a miss
 
 
-def compact_metrics(C: torch.Tensor, ya: torch.Tensor, u: torch.Tensor, unseen: int, linear: bool):
-    """Accuracy and cosine of full-vocabulary scores given in compact form, per sentence.
+def score_layer(probe, X: np.ndarray, ss: ScoredSet, bs, text_cap: int | None) -> dict:
+    """Metrics of one layer's decoder (an ``InformationProbe``) on features X (N, D) of one set with bags ``bs`` (a BagSet).
 
-    C: (B, A+1) scores (last column: the ``unseen`` ids never seen in training, all tied); ya: (B, A) bag
-    restricted to the A seen ids; u: (B,) bag ids among the unseen ones. Returns (acc (B,), cos (B,),
-    idx (B, kmax) top active columns in decreasing score, n_active (B,) how many of them are in the top-k).
-    Sentences with an empty bag get NaN.
+    Also returns the per-sentence accuracy under ``_acc`` (for the paired intervals).
     """
-    Ca, s = C[:, :-1], C[:, -1]  # (B, A), (B,)
-    k = ya.sum(1) + u  # (B,) bag sizes
-    kmax = max(1, min(int(k.max()), Ca.shape[1]))
-    vals, idx = Ca.topk(kmax, dim=1)  # (B, kmax)
-    pos = torch.arange(kmax).unsqueeze(0)  # (1, kmax)
-    above = ((vals > s.unsqueeze(1)) & (pos < k.unsqueeze(1))).sum(1)  # (B,) seen ids ranked above the tied block
-    shared = torch.minimum(k - above, torch.full_like(k, float(unseen)))  # (B,) top-k slots taken by never-seen ids
-    n_active = (k - shared).long()  # (B,)
-    hits = (ya.gather(1, idx) * (pos < n_active.unsqueeze(1))).sum(1) + shared * u / max(unseen, 1)
-    acc = hits / k
-    P = C.clamp(0, 1) if linear else torch.sigmoid(C)  # (B, A+1) predicted probabilities
-    Pa, ps = P[:, :-1], P[:, -1]
-    dot = (Pa * ya).sum(1) + u * ps
-    norm = torch.sqrt((Pa ** 2).sum(1) + unseen * ps ** 2) * torch.sqrt(k)
-    cos = dot / norm.clamp(min=1e-12)
-    empty = k == 0
-    return acc.masked_fill(empty, float("nan")), cos.masked_fill(empty, float("nan")), idx, n_active
-
-
-def score_layer(dec, j: int, X: np.ndarray, ss: ScoredSet, ya: torch.Tensor, u: torch.Tensor, linear: bool,
-                text_cap: int | None) -> dict:
-    """Metrics of decoder ``j`` of ``dec`` on features X (N, D) of one set; ya (N, A), u (N,) from ``compact_bags``."""
-    from ..metrics import fano_mi_lower_bound_bits
-
-    V = dec.vocab_size
-    unseen = V - len(dec.active)
     n = X.shape[0]
     cap = n if text_cap is None else min(text_cap, n)
-    accs, coss, hyps = [], [], []
-    active = dec.active.tolist()
-    for start in range(0, n, ROW_CHUNK):
-        C = dec.compact_scores(torch.from_numpy(X[start: start + ROW_CHUNK]), j)  # (B, A+1)
-        acc, cos, idx, n_active = compact_metrics(C, ya[start: start + ROW_CHUNK].float(), u[start: start + ROW_CHUNK], unseen, linear)
-        accs.append(acc)
-        coss.append(cos)
-        if start < cap:
-            k = (ya[start: start + ROW_CHUNK].sum(1) + u[start: start + ROW_CHUNK]).long().tolist()
-            idx, n_active = idx.tolist(), n_active.tolist()
-            for i in range(min(len(k), cap - start)):
-                top = [active[c] for c in idx[i][: n_active[i]]] + [MISS] * (k[i] - n_active[i])
-                hyps.append(recovered_list(top, ss.sentences[start + i]))
-    acc = float(torch.nanmean(torch.cat(accs)))
-    return {"recoverability_acc": acc, "cosine": float(torch.nanmean(torch.cat(coss))),
-            **text_scores(hyps, ss.sentences[:cap]),
-            "mi_lb_bits": fano_mi_lower_bound_bits(acc, V),
-            "mi_lb_bits_empirical": fano_mi_lower_bound_bits(acc, V, ss.entropy_bits)}
-
-
-def compact_bags(bags: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, V) uint8 bags -> ((N, A) uint8 restricted to the seen ids, (N,) float count of the other bag ids)."""
-    ya = bags[:, active]
-    return ya, (bags.sum(1, dtype=torch.float32) - ya.sum(1, dtype=torch.float32))
-
-
-def prior_accuracy(Y_train: torch.Tensor, active: torch.Tensor, ya: torch.Tensor, u: torch.Tensor, vocab_size: int) -> float:
-    """Accuracy of the no-feature baseline: every sentence gets the same ranking, the ids' training bag frequency.
-
-    Any decoder's intercept starts from this ranking, so a layer's accuracy means something only above it.
-    """
-    scores = torch.cat([Y_train.mean(0)[active], torch.zeros(1)])  # (A+1,): never-seen ids have frequency 0
-    accs = [compact_metrics(scores.expand(len(ya[i: i + ROW_CHUNK]), -1), ya[i: i + ROW_CHUNK].float(), u[i: i + ROW_CHUNK],
-                            vocab_size - len(active), linear=True)[0] for i in range(0, len(ya), ROW_CHUNK)]
-    return float(torch.nanmean(torch.cat(accs)))
+    per = probe.per_sentence(X, bs, keep_top=True)
+    active = probe.dec.active.tolist()
+    k = (bs.ya.sum(1, dtype=torch.float32) + bs.u).long().tolist()
+    hyps = []
+    for c, (idx, n_active) in enumerate(per["top"]):
+        start = c * ROW_CHUNK
+        if start >= cap:
+            break
+        idx, n_active = idx.tolist(), n_active.tolist()
+        for i in range(min(len(idx), cap - start)):
+            top = [active[c_] for c_ in idx[i][: n_active[i]]] + [MISS] * (k[start + i] - n_active[i])
+            hyps.append(recovered_list(top, ss.sentences[start + i]))
+    return {**probe.summary(per, bs), **text_scores(hyps, ss.sentences[:cap]), "_acc": per["acc"].numpy()}
 
 
 def layer_chunk(decoder: str, d: int, active: int) -> int:
@@ -476,19 +430,20 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
 
     feats: set name -> (N, L+1, D). Returns one row per (layer, set) with the metrics only.
     """
-    from ..decoders import fit_bce, fit_ridge
+    from ..decoders import BagSet, InformationProbe, fit_bce, fit_ridge, prior_per_sentence
 
     train = next(s for s in sets if s.role == "train")
     Y = train.bags.float()  # (N, V)
     active = int((Y.sum(0) > 0).sum())
     chunk = layer_chunk(suite.decoder, feats[train.name].shape[-1], active)
+    linear = suite.decoder == "ridge"
     rows = []
     t_fit = t_score = 0.0
     for c0 in range(0, len(layers), chunk):
         ls = layers[c0: c0 + chunk]
         X = torch.from_numpy(np.ascontiguousarray(feats[train.name][:, ls].transpose(1, 0, 2)))  # (Lc, N, D)
         t = time.perf_counter()
-        if suite.decoder == "ridge":
+        if linear:
             dec = fit_ridge(X, Y, suite.ridge_lambda)
         else:
             dec = fit_bce(X, Y, epochs=suite.bce_epochs, lr=suite.bce_lr, weight_decay=suite.bce_weight_decay,
@@ -496,16 +451,16 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
         t_fit += time.perf_counter() - t
         t = time.perf_counter()
         if c0 == 0:
-            compact = {ss.name: compact_bags(ss.bags, dec.active) for ss in sets}  # same seen ids for every chunk
-            prior = {ss.name: prior_accuracy(Y, dec.active, *compact[ss.name], vocab_size) for ss in sets}
+            bags = {ss.name: BagSet.of(ss.bags, dec.active) for ss in sets}  # same seen ids for every chunk
+            prior = {ss.name: prior_per_sentence(bags[train.name].ya, bags[ss.name], vocab_size).numpy() for ss in sets}
         for j, layer in enumerate(ls):
+            probe = InformationProbe(dec, j, feats[train.name][:, layer], bags[train.name], linear)
             for ss in sets:
-                m = score_layer(dec, j, feats[ss.name][:, layer], ss, *compact[ss.name], suite.decoder == "ridge",
-                                suite.text_metrics_sentences)
+                m = score_layer(probe, feats[ss.name][:, layer], ss, bags[ss.name], suite.text_metrics_sentences)
                 extra = {"ridge_lambda": float(dec.lam[j])} if dec.lam is not None else {"ridge_lambda": None}
                 rows.append({"layer": layer, "set": ss.name, "role": ss.role, "sentences": len(ss.seqs),
                              "text_metric_sentences": len(ss.seqs) if suite.text_metrics_sentences is None else min(suite.text_metrics_sentences, len(ss.seqs)),
-                             "token_entropy_bits": ss.entropy_bits, **m, "prior_acc": prior[ss.name], **extra})
+                             **m, "prior_acc": float(np.nanmean(prior[ss.name])), "_prior": prior[ss.name], **extra})
         t_score += time.perf_counter() - t
     if timings is not None:
         timings["decoder_fit_s"] = timings.get("decoder_fit_s", 0.0) + t_fit
@@ -533,35 +488,72 @@ def _file_slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower()
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per model variant and evaluation set (plus the mean over evaluation sets): best layer vs last layer."""
+def _per(rows: list[dict], key: str = "_acc") -> dict:
+    return {r["layer"]: r[key] for r in rows}
+
+
+def summarize(rows: list[dict], resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """Per model variant and evaluation set (plus the mean over evaluation sets): best layer vs last layer.
+
+    Intervals (paired bootstrap over the set's sentences; for the mean over sets, each set resampled on its own
+    and the per-set means averaged): best - last layer, and the gain over the no-feature prior at both layers.
+    """
+    from ..stats import stratified_mean_difference
+
     out = []
     by_model: dict = {}
     for r in rows:
         by_model.setdefault((r["model"], r["variant"]), []).append(r)
     for (model, variant), rs in by_model.items():
-        evals = sorted({r["set"] for r in rs if r["role"] == "eval"}, key=lambda s: [r["set"] for r in rs].index(s))
-        curves = {s: {r["layer"]: r["recoverability_acc"] for r in rs if r["set"] == s} for s in evals}
-        layers = sorted(next(iter(curves.values())))
-        curves["mean over eval sets"] = {l: float(np.mean([curves[s][l] for s in evals])) for l in layers}
+        evals = list(dict.fromkeys(r["set"] for r in rs if r["role"] == "eval"))
+        groups = {s: [s] for s in evals}
+        if len(evals) > 1:
+            groups["mean over eval sets"] = evals
         nb = rs[0]["num_blocks"]
-        priors = {s: next(r["prior_acc"] for r in rs if r["set"] == s) for s in evals}
-        priors["mean over eval sets"] = float(np.mean(list(priors.values())))
-        for s, c in curves.items():
-            best = max(layers, key=lambda l: c[l])
-            last = layers[-1]
-            out.append({"model": model, "variant": variant, "set": s, "best_layer": best, "best_depth": best / nb,
-                        "best_acc": c[best], "last_layer": last, "last_acc": c[last], "drop_best_to_last": c[best] - c[last],
-                        "first_acc": c[layers[0]], "prior_acc": priors[s]})
+        layers = sorted({r["layer"] for r in rs})
+        acc = {s: _per([r for r in rs if r["set"] == s]) for s in evals}  # set -> layer -> (N,)
+        prior = {s: next(r["_prior"] for r in rs if r["set"] == s) for s in evals}
+        for g, members in groups.items():
+            curve = {l: float(np.mean([np.nanmean(acc[s][l]) for s in members])) for l in layers}
+            best, last = max(layers, key=lambda l: curve[l]), layers[-1]
+            iv = lambda a, b: stratified_mean_difference([a(s) for s in members], [b(s) for s in members], resamples, seed).to_dict()  # noqa: E731
+            out.append({"model": model, "variant": variant, "set": g, "best_layer": best, "best_depth": best / nb,
+                        "best_acc": curve[best], "last_layer": last, "last_acc": curve[last], "drop_best_to_last": curve[best] - curve[last],
+                        "first_acc": curve[layers[0]], "prior_acc": float(np.mean([np.nanmean(prior[s]) for s in members])),
+                        "drop_interval": iv(lambda s: acc[s][best], lambda s: acc[s][last]),
+                        "best_over_prior": iv(lambda s: acc[s][best], lambda s: prior[s]),
+                        "last_over_prior": iv(lambda s: acc[s][last], lambda s: prior[s])})
     return out
 
 
-def write_tables(out_dir: Path, rows: list[dict], setup: dict, summary: list[dict]) -> None:
+def adapter_deltas(rows: list[dict], summary: list[dict], resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """Base + adapter - base, per model and evaluation set, at the base's best layer and at the last layer (paired)."""
+    from ..stats import stratified_mean_difference
+
+    out = []
+    for s in summary:
+        if s["variant"] != "base":
+            continue
+        rs = [r for r in rows if r["model"] == s["model"] and r["role"] == "eval"]
+        members = list(dict.fromkeys(r["set"] for r in rs)) if s["set"] == "mean over eval sets" else [s["set"]]
+        per = {(r["variant"], r["set"], r["layer"]): r["_acc"] for r in rs}
+        if not any(v == "adapter" for v, _, _ in per):
+            continue
+        for where, layer in (("best", s["best_layer"]), ("last", s["last_layer"])):
+            iv = stratified_mean_difference([per["adapter", m, layer] for m in members], [per["base", m, layer] for m in members],
+                                            resamples, seed)
+            out.append({"model": s["model"], "set": s["set"], "at": where, "layer": layer, **iv.to_dict()})
+    return out
+
+
+def write_tables(out_dir: Path, rows: list[dict], setup: dict, summary: list[dict], deltas: list[dict] | None = None) -> None:
     with open(out_dir / "probe.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    (out_dir / "probe.json").write_text(json.dumps({"setup": setup, "summary": summary, "rows": rows}, indent=1, default=str))
+    plain = [{k: v for k, v in r.items() if k not in PER_SENTENCE} for r in rows]
+    (out_dir / "probe.json").write_text(json.dumps({"setup": setup, "summary": summary, "adapter_deltas": deltas or [], "rows": plain},
+                                                   indent=1, default=str))
 
 
 def plot_metrics(out_dir: Path, rows: list[dict], set_names: list[str], title: str) -> list[Path]:
@@ -632,13 +624,23 @@ def plot_adapter(out_dir: Path, rows: list[dict], model: str, set_names: list[st
     return path
 
 
-def print_summary(summary: list[dict]) -> None:
-    print("\nrecoverability accuracy on the evaluation sets (prior = no features: rank ids by training frequency)")
-    print(f"{'model':<40} {'set':<20} {'prior':>7} {'layer 0':>8} {'best layer (l/L)':>17} {'best':>7} {'last':>7} {'best-last':>9}")
+def _iv(d: dict) -> str:
+    return f"{d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" + ("*" if d["excludes_zero"] else " ")
+
+
+def print_summary(summary: list[dict], deltas: list[dict] | None = None) -> None:
+    print("\nrecoverability accuracy on the evaluation sets (prior = no features: rank ids by training frequency); "
+          "[..] = paired bootstrap 95% interval over sentences, * = excludes 0")
+    print(f"{'model':<36} {'set':<20} {'prior':>7} {'layer 0':>8} {'best layer (l/L)':>17} {'best':>7} {'last':>7} "
+          f"{'best - last [95% CI]':>28} {'last - prior [95% CI]':>28}")
     for s in summary:
         name = s["model"] if s["variant"] == "base" else f"{s['model']} + adapter"
-        print(f"{name[-40:]:<40} {s['set'][:20]:<20} {s['prior_acc']:>7.4f} {s['first_acc']:>8.4f} {s['best_layer']:>6} ({s['best_depth']:.2f})"
-              f"     {s['best_acc']:>7.4f} {s['last_acc']:>7.4f} {s['drop_best_to_last']:>+9.4f}")
+        print(f"{name[-36:]:<36} {s['set'][:20]:<20} {s['prior_acc']:>7.4f} {s['first_acc']:>8.4f} {s['best_layer']:>6} ({s['best_depth']:.2f})"
+              f"     {s['best_acc']:>7.4f} {s['last_acc']:>7.4f} {_iv(s['drop_interval']):>28} {_iv(s['last_over_prior']):>28}")
+    if deltas:
+        print("\nbase + adapter - base (same sentences, same layer)")
+        for d in deltas:
+            print(f"{d['model'][-36:]:<36} {d['set'][:20]:<20} {d['at']} layer {d['layer']:>3}: {_iv(d)}")
 
 
 # =============================================================================================
@@ -678,7 +680,7 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
              "notes": ["metrics on the training set are in-sample (the decoders were fitted on it)",
                        "BLEU/ROUGE: recovered = top-k ids (k = bag size), hits in order of first occurrence in the sentence, "
                        "misses appended by score; original = the sentence's non-special token ids, in order",
-                       "vocab_size is the full vocabulary; the Fano bounds use it"]}
+                       "vocab_size is the full vocabulary; the information quantities use it (mi_tune/metrics.py)"]}
     status = "FAILED"
     try:
         for spec in models:
@@ -726,8 +728,10 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
 
         # ---- outputs ----
         setup["elapsed_s"] = time.perf_counter() - t0
-        summary = summarize(rows)
-        write_tables(out_dir, rows, setup, summary)
+        summary = summarize(rows, seed=suite.seed)
+        deltas = adapter_deltas(rows, summary, seed=suite.seed)
+        setup["intervals"] = "paired bootstrap over sentences, 95% percentile, 2000 resamples (numpy); mean over sets: each set resampled"
+        write_tables(out_dir, rows, setup, summary, deltas)
         title = f"{suite.decoder} decoder trained on {train_set.name}"
         plots = plot_metrics(out_dir, rows, set_names, title)
         for label in dict.fromkeys(r["model"] for r in rows if r["variant"] == "adapter"):
@@ -735,11 +739,11 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
         for p in [out_dir / "probe.csv", out_dir / "probe.json", *plots]:
             tracker.log_artifact(p, "probe" if p.suffix != ".png" else "probe/plots")
         attach_to_training_runs(rows, models, out_dir, suite.name, plots)
-        print_summary(summary)
+        print_summary(summary, deltas)
         print(f"\ntable: {out_dir / 'probe.csv'} and {out_dir / 'probe.json'}\nplots: {out_dir / 'plots'} "
               f"(main figure: {out_dir / 'plots' / 'recoverability_acc.png'})\nelapsed: {time.perf_counter() - t0:.0f} s")
         status = "FINISHED"
-        return {"rows": rows, "summary": summary, "setup": setup, "out_dir": out_dir}
+        return {"rows": rows, "summary": summary, "adapter_deltas": deltas, "setup": setup, "out_dir": out_dir}
     finally:
         tracker.end(status)
 

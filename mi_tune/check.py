@@ -1,0 +1,179 @@
+"""The held-out check at the end of training: base vs enhanced, measured the same way.
+
+For each model (base = adapters disabled, enhanced = adapters on) a fresh linear decoder is fitted on frozen
+features of the same training sentences and scored on the same held-out sentences: the in-domain held-out
+units (document-disjoint from training by default, see data.load_corpus) and every out-of-domain set named
+in ``check.ood``. Every set reports the no-feature prior, accuracy, the information quantities of
+mi_tune.metrics (valid bounds and the paper's estimate, named apart), and paired bootstrap 95% intervals
+(mi_tune.stats) of enhanced - base and of each model's gain over the prior.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig, Recipe
+from .errors import UserError, field_error
+from .modeling import log
+
+HELDOUT = "heldout"
+
+
+@dataclass
+class OodSet:
+    name: str
+    source: str
+    texts: list[str]
+
+
+def ood_sets(recipe: Recipe) -> list[OodSet]:
+    """Read every ``check.ood`` set now (before any training), so a missing or empty one fails fast with exit 2."""
+    from .data import read_texts
+
+    out = []
+    for i, spec in enumerate(recipe.check.ood):
+        spec = {"source": spec} if isinstance(spec, str) else dict(spec)
+        what = f"check.ood[{i}]"
+        unknown = set(spec) - {"source", "name", "text_field", "split", "config_name"}
+        if not spec.get("source") or unknown:
+            raise UserError(field_error(what, spec, "a source string, or a mapping with `source` and optional name, text_field, split, "
+                                        "config_name", "write e.g. `- ../shared/data/ag_news/test.jsonl`"))
+        cfg = DataConfig(source=spec["source"], text_field=spec.get("text_field", "text"), split=spec.get("split", "test"),
+                         config_name=spec.get("config_name"), min_words=recipe.data.min_words, unit=recipe.data.unit)
+        name = spec.get("name") or Path(spec["source"]).parent.name + "/" + Path(spec["source"]).stem
+        texts = read_texts(spec["source"], cfg, what, cfg.split)
+        random.Random(f"{recipe.seed}-{name}").shuffle(texts)
+        out.append(OodSet(name, spec["source"], texts[: recipe.check.ood_sentences]))
+        log(f"check: out-of-domain set {name!r}: {len(out[-1].texts)} of {len(texts)} units from {spec['source']}")
+    return out
+
+
+def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_ids, n_train: int, ood: list[OodSet] = (),
+                  location=None) -> dict:
+    """Frozen base-model features (adapters disabled) of the check's sentences, computed once before training.
+
+    Returns {set: (seqs, features (1, N, D), bags (N, V))} for "train", "heldout" and each out-of-domain set. The same
+    base features serve the head's warm start and the base rows of the final check.
+    """
+    from .decoders import bags_from_ids
+    from .embedding import embed_token_ids, tokenize
+    from .eval.cache import cached_array, embedding_key
+
+    s = recipe.check
+    splits = [("train", corpus.train[:n_train])]
+    if s.enabled:
+        splits += [(HELDOUT, corpus.eval[-s.eval_sentences:])] + [(o.name, o.texts) for o in ood]
+    out = {}
+    for name, texts in splits:
+        seqs = tokenize(tokenizer, texts, recipe.data.max_length)
+
+        def compute(seqs=seqs, name=name):
+            with model.disable_adapter():
+                return embed_token_ids(model, seqs, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"base features ({name})")
+
+        # Same base, texts, layer and pooling -> same features: runs of one recipe (seeds, LRs, the control) share them.
+        key = location and embedding_key("train-base-features", location, texts, dtype=str(getattr(model, "dtype", recipe.model.dtype)),
+                                         quantization=recipe.model.quantization, layer=head_cfg.layer, pooling=head_cfg.pooling,
+                                         max_length=recipe.data.max_length)
+        f, hit = cached_array(key, compute, enabled=location is not None)
+        if hit:
+            log(f"base features ({name}): {len(texts)} sentences from the feature cache")
+        out[name] = (seqs, torch.from_numpy(f).transpose(0, 1), bags_from_ids(seqs, head_cfg.vocab_size, exclude_ids))
+    return out
+
+
+def heldout_check(model, tokenizer, base: dict, recipe: Recipe, head_cfg, documents: dict | None = None) -> dict:
+    """Base vs enhanced on every evaluation set; see the module docstring. ``base`` from ``base_features``."""
+    from .decoders import BagSet, InformationProbe, fit_bce, fit_ridge, prior_per_sentence
+    from .embedding import embed_token_ids
+    from .stats import paired_mean_difference
+
+    s = recipe.check
+    n_tr = min(s.train_sentences, len(base["train"][0]))
+    sets = [k for k in base if k != "train"]
+    linear = s.decoder == "ridge"
+    per: dict = {}  # (model, set) -> per-sentence tensors
+    results: dict = {name: {} for name in sets}
+    train_bags = None
+    for model_name in ("base", "enhanced"):
+        feats = {}
+        for split, (seqs, X, Y) in base.items():
+            if split == "train":
+                seqs, X, Y = seqs[:n_tr], X[:, :n_tr], Y[:n_tr]
+            if model_name == "enhanced":
+                f = embed_token_ids(model, seqs, tokenizer.pad_token_id, [head_cfg.layer], head_cfg.pooling, progress=f"enhanced features ({split})")
+                X = torch.from_numpy(f).transpose(0, 1)  # (1, N, D)
+            feats[split] = (X, Y)
+        X_tr, Y_tr = feats["train"]
+        dec = fit_ridge(X_tr, Y_tr, s.ridge_lambda) if linear else fit_bce(X_tr, Y_tr)
+        train_bags = BagSet.of(Y_tr, dec.active)
+        probe = InformationProbe(dec, 0, X_tr[0], train_bags, linear)
+        for name in sets:
+            X_ev, Y_ev = feats[name]
+            bs = BagSet.of(Y_ev, dec.active)
+            p = probe.per_sentence(X_ev[0], bs)
+            p["prior"] = prior_per_sentence(train_bags.ya, bs, dec.vocab_size)  # same for both models: same training bags
+            per[model_name, name] = p
+            r = probe.summary(p, bs)
+            r["prior_acc"] = float(torch.nanmean(p["prior"]))
+            r["gain_over_prior"] = paired_mean_difference(p["acc"], p["prior"], s.bootstrap_resamples, recipe.seed).to_dict()
+            results[name][model_name] = r
+    for name in sets:
+        b, e = per["base", name], per["enhanced", name]
+        results[name]["delta_acc"] = paired_mean_difference(e["acc"], b["acc"], s.bootstrap_resamples, recipe.seed).to_dict()
+        # H(T) is the same on both sides, so the change of the (unclipped) variational bound is -(change of cross-entropy)
+        results[name]["delta_mi_variational_bits"] = paired_mean_difference(-e["ce_bits"], -b["ce_bits"], s.bootstrap_resamples,
+                                                                            recipe.seed).to_dict()
+        results[name]["sentences"] = int(len(b["acc"]))
+    results["setup"] = {"decoder": s.decoder, "train_sentences": n_tr, "layer": head_cfg.layer, "pooling": head_cfg.pooling,
+                        "vocab_size": head_cfg.vocab_size, "sets": sets, "bootstrap": f"paired, 95% percentile, {s.bootstrap_resamples} "
+                        f"resamples of sentences (numpy)", **(documents or {})}
+    return results
+
+
+def flat_metrics(check: dict) -> dict:
+    """MLflow metric names: heldout_<model>_<metric> for the in-domain set, ood_<set>_<model>_<metric> for the others."""
+    out = {}
+    for name in check["setup"]["sets"]:
+        prefix = "heldout" if name == HELDOUT else "ood_" + "".join(c if c.isalnum() else "_" for c in name)
+        for model in ("base", "enhanced"):
+            out.update({f"{prefix}_{model}_{k}": v for k, v in check[name][model].items() if isinstance(v, (int, float))})
+        d = check[name]["delta_acc"]
+        out.update({f"{prefix}_delta_acc": d["estimate"], f"{prefix}_delta_acc_low": d["low"], f"{prefix}_delta_acc_high": d["high"]})
+    return out
+
+
+def _iv(d: dict, digits: int = 4) -> str:
+    s = f"{d['estimate']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
+    return s + ("*" if d["excludes_zero"] else "")
+
+
+def check_table(check: dict) -> list[str]:
+    """Markdown rows: one per (set, model), then the change with its interval. Shared by the console, run README and card."""
+    rows = ["| set | model | prior acc | accuracy | gain over prior [95% CI] | MI lower bound (bits) | variational / list-Fano (bits) "
+            "| paper's estimate (bits, not a bound) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name in check["setup"]["sets"]:
+        label = f"{name} (in-domain)" if name == HELDOUT else f"{name} (out-of-domain)"
+        for model in ("base", "enhanced"):
+            r = check[name][model]
+            rows.append(f"| {label} | {model} | {r['prior_acc']:.4f} | {r['recoverability_acc']:.4f} | {_iv(r['gain_over_prior'])} | "
+                        f"{r['mi_lb_bits']:.3f} | {r['mi_variational_lb_bits']:.3f} / {r['mi_fano_list_lb_bits']:.3f} | "
+                        f"{r['mi_fano_uniform_bits']:.3f} |")
+        rows.append(f"| {label} | **enhanced − base** | | **{_iv(check[name]['delta_acc'])}** | | "
+                    f"{_iv(check[name]['delta_mi_variational_bits'], 3)} (variational) | | |")
+    return rows
+
+
+def print_check(check: dict) -> None:
+    s = check["setup"]
+    docs = f" ({s['train_documents']} / {s['eval_documents']} documents, {s['shared_documents']} shared)" if "train_documents" in s else ""
+    print(f"\nrecoverability of the embedding (layer {s['layer']}, {s['pooling']} pooling): fresh {s['decoder']} decoder fitted on "
+          f"{s['train_sentences']} training sentences of frozen features, scored on held-out sets{docs}")
+    for line in check_table(check):
+        print("  " + line)
+    print(f"  [..]: {s['bootstrap']}; * = the interval excludes 0. MI lower bound = max(variational H(T) - CE, list-Fano), "
+          f"H(T) = plug-in entropy of the set's bag tokens. The paper's estimate assumes H(T) = log2|V| and is not a bound.")
