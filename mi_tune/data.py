@@ -124,7 +124,7 @@ def read_hub(name: str, cfg: DataConfig, split: str, what: str = "data.source") 
 
 def is_local(source: str) -> bool:
     return source.startswith(PYPI_PREFIX) or source.startswith((".", "/", "~")) or Path(source).expanduser().exists() \
-        or Path(source).suffix.lower() in TABLE_SUFFIXES | TEXT_SUFFIXES
+        or Path(source).suffix.lower() in set(TABLE_SUFFIXES) | TEXT_SUFFIXES
 
 
 def read_source(source: str, cfg: DataConfig, split: str, stats: dict, what: str) -> list[list[str]]:
@@ -149,6 +149,19 @@ def clean(texts: list[str], min_words: int, stats: dict, prefix: str, docs: list
     stats[f"{prefix}_skipped_empty"] = stats.get(f"{prefix}_skipped_empty", 0) + empty
     stats[f"{prefix}_skipped_short"] = stats.get(f"{prefix}_skipped_short", 0) + short
     return (out, kept_docs) if docs is not None else out
+
+
+def dedupe(documents: list[list[str]], stats: dict) -> list[list[str]]:
+    """Drop exact duplicate documents (same text up to whitespace), keeping the first: a copy on the other side of a
+    split would leak it (BBC News holds ~100 such copies under different file names)."""
+    seen, out = set(), []
+    for d in documents:
+        key = " ".join(" ".join(d).split())
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    stats["duplicate_documents"] = len(documents) - len(out)
+    return out
 
 
 def _clean_units(units: tuple[list[str], list[int]], min_words: int, stats: dict, prefix: str) -> tuple[list[str], list[int]]:
@@ -179,6 +192,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     stats: dict = {}
     documents = read_source(cfg.source, cfg, cfg.split, stats, "data.source")
     stats["raw_examples"] = sum(len(d) for d in documents)
+    documents = dedupe(documents, stats)
     rng = random.Random(cfg.shuffle_seed)
     if cfg.eval_split is not None:
         src = cfg.eval_split if is_local(cfg.eval_split) else cfg.source
@@ -209,6 +223,12 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         n_eval = max(1, int(round(len(texts) * cfg.eval_fraction))) if len(texts) > 1 else 0
         eval_texts, eval_docs, texts, train_docs = texts[:n_eval], docs[:n_eval], texts[n_eval:], docs[n_eval:]
         n_train_docs, n_eval_docs = len(set(train_docs)), len(set(eval_docs))
+    # near-duplicate documents (re-published stories, boilerplate lines) still share units: a held-out unit that
+    # occurs verbatim in training is dropped (counted)
+    seen = set(texts)
+    keep = [i for i, t in enumerate(eval_texts) if t not in seen]
+    stats["eval_dropped_seen_in_train"] = len(eval_texts) - len(keep)
+    eval_texts, eval_docs = [eval_texts[i] for i in keep], [eval_docs[i] for i in keep]
     if cfg.max_train_samples:
         texts, train_docs = texts[: cfg.max_train_samples], train_docs[: cfg.max_train_samples]
     if not texts:
@@ -220,7 +240,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     stats.update(train_examples=len(texts), eval_examples=len(eval_texts), train_documents=n_train_docs, eval_documents=n_eval_docs,
                  split_by="source" if cfg.eval_split is not None else cfg.split_by,
                  shared_documents=len(set(train_docs) & set(eval_docs)))
-    skipped = {k: v for k, v in stats.items() if k.startswith(("train_skipped", "eval_skipped", "skipped")) and v}
+    skipped = {k: v for k, v in stats.items() if k.startswith(("train_skipped", "eval_skipped", "skipped", "duplicate", "eval_dropped")) and v}
     log(f"data: {len(texts)} train units from {n_train_docs} documents / {len(eval_texts)} held-out units from {n_eval_docs} documents "
         f"({cfg.source}; split by {stats['split_by']}, {stats['shared_documents']} documents on both sides)"
         + (f"; skipped {skipped}" if skipped else ""))

@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
 
     run_dir, ckpt_dir = recipe.run_dir, recipe.run_dir / "checkpoints"
     args = training_arguments(recipe, resolve_dtype(recipe.model)[0], ckpt_dir)
+    ood = ood_sets(recipe) if recipe.check.enabled else []  # out-of-domain check sets: a missing or empty one fails here
     from accelerate import PartialState
 
     state = PartialState()  # one process, or one per rank under accelerate launch / torchrun
@@ -218,7 +219,6 @@ def main(argv: list[str] | None = None) -> None:
         gc = bool(recipe.training.get("gradient_checkpointing", False))
         loaded = load_model(recipe.model, for_training=True)
         write_marker("startup")  # test hook (MI_TUNE_TEST_MARKERS): mi_tune and the model are loaded, no step taken
-        from .trainer import write_marker; write_marker("startup")  # TEMP-SUBAGENT
         layer = check_layer(recipe.objective.layer, loaded.num_hidden_states, recipe.model.source)
         pooling = default_pooling(loaded.kind) if recipe.objective.pooling == "auto" else recipe.objective.pooling
         if recipe.objective.lm_weight > 0 and loaded.kind != "decoder":
@@ -230,7 +230,6 @@ def main(argv: list[str] | None = None) -> None:
 
         # ---- data ----
         corpus = load_corpus(recipe.data)
-        ood = ood_sets(recipe) if recipe.check.enabled else []
         train_ds = tokenize_corpus(tok, corpus.train, recipe.data.max_length, corpus.stats, "train")
         eval_cap = recipe.data.max_eval_samples or len(corpus.eval)
         eval_ds = tokenize_corpus(tok, corpus.eval[:eval_cap], recipe.data.max_length, corpus.stats, "eval")

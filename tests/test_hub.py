@@ -251,8 +251,11 @@ def test_exact_file_set_and_card_metadata(run_dir, probe_dir, capsys):
     body = card.text
     metrics = json.loads((run_dir / "metrics.json").read_text())["heldout_check"]
     assert "## Recoverability before / after" in body
-    assert f"| base | {metrics['base']['recoverability_acc']:.4f} |" in body
-    assert f"| enhanced | {metrics['enhanced']['recoverability_acc']:.4f} |" in body
+    for model in ("base", "enhanced"):
+        r = metrics["heldout"][model]
+        assert f"| heldout (in-domain) | {model} | {r['prior_acc']:.4f} | {r['recoverability_acc']:.4f} |" in body
+    assert "| heldout (in-domain) | **enhanced − base** |" in body and "not a bound" in body
+    assert "MI lower bound" in body and "uniform" in body
     assert f"PeftModel.from_pretrained(base, {REPO!r})" in body and f"load_ready(adapter={REPO!r})" in body
     assert "| sts | spearman | 0.5123 | 0.5432 |" in body  # the downstream table, as the evaluation wrote it
     assert "### downstream: quick-cpu" in body  # its heading sits under the card's own

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mi_tune.losses import bag_of_tokens, next_token_loss, recoverability_loss
-from mi_tune.metrics import bag_cosine, binary_entropy_bits, fano_mi_lower_bound_bits, recoverability_accuracy, unigram_entropy_bits
+from mi_tune.metrics import bag_cosine, binary_entropy_bits, fano_uniform_estimate_bits, recoverability_accuracy, unigram_entropy_bits
 from mi_tune.pooling import pool
 
 
@@ -86,20 +86,14 @@ def test_bag_cosine():
     assert bag_cosine(torch.tensor([[0, 1.0, 0, 1]]), y).item() == pytest.approx(0.0)
 
 
-def test_fano_bound_hand_values_and_edges():
+def test_papers_estimate_hand_values_and_edges():
     V = 1024
-    # Pe = 0: I >= log2 |V| = 10 bits exactly
-    assert fano_mi_lower_bound_bits(1.0, V) == pytest.approx(10.0)
-    # Pe = 1 - 1/|V| (chance): the bound is 0 (Fano is tight there)
-    assert fano_mi_lower_bound_bits(1.0 / V, V) == pytest.approx(0.0, abs=1e-9)
-    # hand value: acc 0.75 -> Pe .25: 10 - H_b(.25) - .25 log2(1023)
+    assert fano_uniform_estimate_bits(1.0, V) == pytest.approx(10.0)  # Pe = 0: log2 |V| = 10 "bits"
+    assert fano_uniform_estimate_bits(1.0 / V, V) == pytest.approx(0.0, abs=1e-9)  # chance: 0
     hb = -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))
     assert binary_entropy_bits(0.25) == pytest.approx(hb)
-    assert fano_mi_lower_bound_bits(0.75, V) == pytest.approx(10 - hb - 0.25 * math.log2(1023))
-    # Pe = 1 (every guess wrong): log2|V| - log2(|V|-1), tiny but positive; clipped at zero with a small H(T)
-    assert fano_mi_lower_bound_bits(0.0, V) == pytest.approx(10 - math.log2(1023))
-    assert fano_mi_lower_bound_bits(0.75, V, token_entropy_bits=2.0) == 0.0
-    assert fano_mi_lower_bound_bits(1.0, V, token_entropy_bits=7.5) == pytest.approx(7.5)
+    assert fano_uniform_estimate_bits(0.75, V) == pytest.approx(10 - hb - 0.25 * math.log2(1023))
+    assert fano_uniform_estimate_bits(0.0, V) == pytest.approx(10 - math.log2(1023))
 
 
 def test_unigram_entropy():

@@ -11,29 +11,29 @@ import numpy as np
 import pytest
 import torch
 
-from mi_tune.decoders import RIDGE_GCV_GRID, _standardize, fit_bce, fit_ridge
+from mi_tune.decoders import (RIDGE_GCV_GRID, BagSet, _standardize, compact_bags, compact_metrics, fit_bce, fit_ridge,
+                              prior_per_sentence)
 from mi_tune.errors import UserError
-from mi_tune.eval.probe import (MISS, compact_bags, compact_metrics, load_suite, main as probe_main, prior_accuracy, recovered_list,
-                                resolve_data_root, resolve_source, scored_set, text_scores)
+from mi_tune.eval.probe import MISS, load_suite, main as probe_main, recovered_list, resolve_data_root, resolve_source, scored_set, text_scores
 from mi_tune.losses import recoverability_loss
-from mi_tune.metrics import bag_cosine, fano_mi_lower_bound_bits, recoverability_accuracy
+from mi_tune.metrics import bag_cosine, fano_uniform_estimate_bits, recoverability_accuracy
 
 from .conftest import MINILM, ROOT, SHARED_DATA, TINY, TINY_CORPUS, run_cli
 
-PLOTS = {"recoverability_acc.png", "cosine.png", "bleu.png", "rouge1_f.png", "rouge2_f.png", "mi_lb_bits.png", "mi_lb_bits_empirical.png"}
+PLOTS = {"recoverability_acc.png", "cosine.png", "bleu.png", "rouge1_f.png", "rouge2_f.png", "mi_lb_bits.png", "mi_variational_lb_bits.png",
+         "mi_fano_list_lb_bits.png", "mi_fano_uniform_bits.png"}
 
 
 # ---- metrics against hand-made cases -----------------------------------------------------------
 
 
-def test_fano_bound_at_a_real_vocabulary_size():
+def test_papers_estimate_at_a_real_vocabulary_size():
     V = 49152
-    assert fano_mi_lower_bound_bits(1.0, V) == pytest.approx(math.log2(V))  # Pe = 0: all of log2|V|
-    assert fano_mi_lower_bound_bits(1.0 / V, V) == pytest.approx(0.0, abs=1e-9)  # Pe = 1 - 1/|V|: chance, nothing
-    pe = 0.6
+    assert fano_uniform_estimate_bits(1.0, V) == pytest.approx(math.log2(V))  # Pe = 0: all of log2|V|
+    assert fano_uniform_estimate_bits(1.0 / V, V) == pytest.approx(0.0, abs=1e-9)  # Pe = 1 - 1/|V|: chance, nothing
+    pe = 0.7
     hb = -(pe * math.log2(pe) + (1 - pe) * math.log2(1 - pe))
-    assert fano_mi_lower_bound_bits(1 - pe, V) == pytest.approx(math.log2(V) - hb - pe * math.log2(V - 1))
-    assert fano_mi_lower_bound_bits(1 - pe, V, token_entropy_bits=9.0) == 0.0  # empirical H(T) below the Fano terms: clipped
+    assert fano_uniform_estimate_bits(1 - pe, V) == pytest.approx(math.log2(V) - hb - pe * math.log2(V - 1))
 
 
 def test_recovered_list_orders_hits_by_first_occurrence_then_misses():
@@ -96,9 +96,9 @@ def test_prior_baseline_ranks_by_training_frequency():
     train = scored_set("t", "train", [[1, 2, 3], [1, 2], [1]], V, [0])  # document frequency: id 1: 3, id 2: 2, id 3: 1
     ev = scored_set("e", "eval", [[1, 3], [5, 4]], V, [0])
     active = torch.tensor([1, 2, 3])
-    ya, u = compact_bags(ev.bags, active)
     # sentence 1: top-2 = {1, 2}, one hit; sentence 2: top-2 = {1, 2}, no hit (ids 4, 5 never seen, frequency 0)
-    assert prior_accuracy(train.bags.float(), active, ya, u, V) == pytest.approx((0.5 + 0.0) / 2)
+    prior = prior_per_sentence(train.bags[:, active], BagSet.of(ev.bags, active), V)
+    assert prior.tolist() == pytest.approx([0.5, 0.0])
 
 
 @pytest.mark.parametrize("decoder", ["ridge", "bce"])
@@ -232,9 +232,9 @@ def test_probe_output_files_and_rows(tiny_runs):
     for r in rows:
         assert r["depth"] == r["layer"] / 3
         assert 0.0 <= r["recoverability_acc"] <= 1.0 and 0.0 <= r["cosine"] <= 1.0 and 0.0 <= r["bleu"] <= 100.0
-        assert r["mi_lb_bits"] == pytest.approx(fano_mi_lower_bound_bits(r["recoverability_acc"], r["vocab_size"]))
-        assert r["mi_lb_bits_empirical"] == pytest.approx(
-            fano_mi_lower_bound_bits(r["recoverability_acc"], r["vocab_size"], r["token_entropy_bits"]))
+        assert r["mi_lb_bits"] == max(r["mi_variational_lb_bits"], r["mi_fano_list_lb_bits"]) >= 0.0
+        assert r["mi_variational_lb_bits"] == pytest.approx(max(r["token_entropy_bits"] - r["cross_entropy_bits"], 0.0))
+        assert 0.0 < r["token_entropy_bits"] <= math.log2(r["vocab_size"])
     saved = json.loads((out / "probe.json").read_text())
     assert saved["setup"]["data"]["assets/tiny_corpus.jsonl"]["used"] == 120
     assert len(saved["rows"]) == len(rows) == 4 * 2

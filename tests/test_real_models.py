@@ -63,10 +63,12 @@ def test_short_real_training_run(tmp_path):
     main([str(ROOT / "recipes" / "smollm2-135m-cpu.yaml"), f"output_root={tmp_path}", "run_name=short", "tracking.enabled=false",
           "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "training.logging_steps=1",
           "data.max_length=24", "data.max_eval_samples=8", "training.per_device_train_batch_size=2",
-          "check.train_sentences=40", "check.eval_sentences=20", "head.warm_start_sentences=32", "head.warm_start_epochs=2"])
+          "check.train_sentences=40", "check.eval_sentences=20", "check.ood_sentences=20", "head.warm_start_sentences=32", "head.warm_start_epochs=2"])
     run = tmp_path / "short"
     cfg = json.loads((run / "adapter_config.json").read_text())
     assert cfg["layers_to_transform"] == list(range(29))
     m = json.loads((run / "metrics.json").read_text())
     assert m["train"]["train_loss"] > 0 and "eval_recoverability_acc" in m["eval"]
-    assert set(m["heldout_check"]) == {"base", "enhanced", "setup"}
+    chk = m["heldout_check"]
+    assert set(chk) == {"heldout", "setup"} and chk["setup"]["shared_documents"] == 0  # BBC articles split before cutting
+    assert {"base", "enhanced", "delta_acc", "delta_mi_variational_bits"} <= set(chk["heldout"])
