@@ -8,12 +8,15 @@
 - ``_save_checkpoint`` marks a checkpoint complete only after every file is written, and rotates
   old checkpoints only after that, so a kill during a save never leaves a half checkpoint that
   resume would pick up.
+- ``write_marker`` is a test hook (inert unless ``MI_TUNE_TEST_MARKERS`` is set): it lets a test that kills the
+  run from outside wait for known points (start-up, inside a checkpoint save, after a save) instead of guessing.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,10 +28,47 @@ from .embedding import hidden_states
 from .errors import UserError
 from .head import HEAD_DIR, RecoverabilityHead
 from .losses import bag_of_tokens, next_token_loss, recoverability_loss
-from .metrics import fano_mi_lower_bound_bits, recoverability_accuracy
+from .metrics import fano_uniform_estimate_bits, recoverability_accuracy
 from .pooling import pool
 
 COMPLETE_MARKER = "checkpoint_complete.json"
+MARKERS_ENV = "MI_TUNE_TEST_MARKERS"  # test hook: a folder; write_marker() records points the run reached there
+PAUSE_IN_SAVE_ENV = "MI_TUNE_TEST_PAUSE_IN_SAVE"  # test hook: a step; its checkpoint save stops half-written (needs MARKERS_ENV)
+PAUSE_IN_SAVE_MAX_S = 60.0
+
+
+def write_marker(name: str) -> None:
+    """Test hook: record that this run reached the point ``name``. Not for normal use.
+
+    With the environment variable ``MI_TUNE_TEST_MARKERS`` set to a folder, appends this process's pid as a
+    line to ``<folder>/<name>`` (creating the folder and the file) and flushes it, so a test watching that
+    folder from outside (e.g. to kill -9 the run at a known point) sees it at once. Without the variable it
+    does nothing. Points mi_tune marks:
+
+    - ``startup``: train.py, right after the model is loaded (before data, trainer and resume);
+    - ``save-begin-<step>``: the start of checkpoint-<step>'s save, before anything of it is written;
+    - ``save-paused-<step>``: only with ``MI_TUNE_TEST_PAUSE_IN_SAVE=<step>``: the save stops half-written
+      (the folder holds the weights but not the optimizer, trainer state or completion marker) for up to
+      60 s, so a kill is sure to land inside the save window;
+    - ``save-done-<step>``: after checkpoint-<step>'s completion marker is written and old checkpoints rotated.
+    """
+    folder = os.environ.get(MARKERS_ENV)
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), "a") as f:
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+
+
+def _pause_in_save(step: int) -> None:
+    """Test hook (see write_marker): block inside checkpoint-<step>'s save when MI_TUNE_TEST_PAUSE_IN_SAVE=<step>."""
+    if not os.environ.get(MARKERS_ENV) or os.environ.get(PAUSE_IN_SAVE_ENV, "").strip() != str(step):
+        return
+    write_marker(f"save-paused-{step}")
+    deadline = time.monotonic() + PAUSE_IN_SAVE_MAX_S
+    while time.monotonic() < deadline:  # the test kills the process here; without a kill the save goes on
+        time.sleep(0.05)
 
 
 class NonFiniteLossError(UserError):
@@ -81,6 +121,7 @@ class RecoverabilityTrainer(Trainer):
         self.head_weight_decay = head_weight_decay
         self.on_nonfinite_loss = on_nonfinite_loss
         self.skipped_nonfinite = 0
+        self._checkpoint_step: int | None = None  # set while _save_checkpoint runs (test hook: the pause in the save)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     # ---- objective and metrics ----
@@ -128,7 +169,8 @@ class RecoverabilityTrainer(Trainer):
         vocab = self.model.head.config.vocab_size
         metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
         if "recoverability_acc" in metrics:
-            metrics["mi_lb_bits"] = fano_mi_lower_bound_bits(metrics["recoverability_acc"], vocab)
+            # the paper's estimate (uniform tokens, one guess): not a bound, named so; the check reports the bounds
+            metrics["mi_fano_uniform_bits"] = fano_uniform_estimate_bits(metrics["recoverability_acc"], vocab)
         prefix = "eval_" if mode == "eval" else ""
         logs.update({prefix + k: v for k, v in metrics.items()})  # same dict evaluate() returns: best-model picks it up
         self._metrics[mode].clear()
@@ -170,6 +212,8 @@ class RecoverabilityTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         model.peft.save_pretrained(output_dir, safe_serialization=True)
         model.head.save(Path(output_dir) / HEAD_DIR)
+        if getattr(self, "_checkpoint_step", None) is not None:
+            _pause_in_save(self._checkpoint_step)  # test hook; inert unless MI_TUNE_TEST_PAUSE_IN_SAVE names this step
 
     def _load_weights(self, folder: str) -> None:
         from peft import set_peft_model_state_dict
@@ -191,8 +235,11 @@ class RecoverabilityTrainer(Trainer):
 
     # ---- checkpoints: complete marker written last; rotation only after it ----
     def _save_checkpoint(self, model, trial) -> None:
+        step = self.state.global_step
+        write_marker(f"save-begin-{step}")  # test hook (no-op unless MI_TUNE_TEST_MARKERS is set)
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
+        self._checkpoint_step = step
         try:
             super()._save_checkpoint(model, trial)
         except OSError as exc:
@@ -204,6 +251,7 @@ class RecoverabilityTrainer(Trainer):
             ) from None
         finally:
             self.args.save_total_limit = limit
+            self._checkpoint_step = None
         if not self.args.should_save:
             return
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
@@ -218,6 +266,7 @@ class RecoverabilityTrainer(Trainer):
             for p in complete:
                 if str(p) not in keep:
                     shutil.rmtree(p, ignore_errors=True)
+        write_marker(f"save-done-{step}")  # test hook
 
 
 class SeededLengthGroupedSampler(torch.utils.data.Sampler):

@@ -105,8 +105,11 @@ def test_compare_embedded_store(store, tmp_path, capsys):
     header, *rows = _rows(out)
     assert "sorted by eval_loss (lower is better)" in out
     assert [r[1] for r in rows] == ["lr0.001", "lr0.0001", "lr0.0003"]
-    probe = header.index("probe_toy_recoverability_acc")
-    assert all(r[probe] != "-" for r in rows)
+    probe, loss = header.index("probe_toy_recoverability_acc"), header.index("eval_loss")
+    order = [2, 0, 1]  # make_runs' index of each row
+    assert [float(r[loss]) for r in rows] == [EVAL_LOSS[i] for i in order]  # the value at the last step (6)
+    # the child's latest value = its last layer (step 3), as the 4-significant-digit table shows it
+    assert [float(r[probe]) for r in rows] == [float(f"{0.2 + 0.1 * math.sin(3) + 0.01 * i:.4g}") for i in order]
     assert len(client.search_runs([exp.experiment_id], filter_string="tags.`mi_tune.kind` = 'comparison'")) == 1
 
 

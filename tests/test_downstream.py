@@ -108,6 +108,166 @@ def test_subsample_is_seeded_and_stratified():
 
 
 # ---------------------------------------------------------------------------------------------
+# paired bootstrap intervals of the main metric's differences
+
+
+def numpy_percentile_interval(per_draw, n, resamples, seed):
+    """Hand-made reference: draw r = default_rng(seed).integers(0, n, (resamples, n))[r]; 2.5/97.5% percentiles."""
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    vals = np.array([per_draw(i) for i in idx])
+    vals = vals[np.isfinite(vals)]
+    return np.quantile(vals, [0.025, 0.975])
+
+
+def spearman_by_hand(x, y):
+    from scipy.stats import rankdata
+
+    return np.corrcoef(rankdata(x), rankdata(y))[0, 1]  # Spearman = Pearson of the average ranks
+
+
+def two_columns(family, seed=0, **kw):
+    """The items of a small task scored by two different models (fake embeddings), through the family's run()."""
+    rng = np.random.default_rng(seed)
+    if family == "classification":
+        x, y = blobs(n_per=20, k=3, spread=3.0)
+        data = {"train_texts": [f"tr{i}" for i in range(0, 60, 2)], "train_labels": y[::2],
+                "test_texts": [f"te{i}" for i in range(1, 60, 2)], "test_labels": y[1::2], "classes": [0, 1, 2]}
+        noisy = x + 4 * rng.normal(size=x.shape)
+        embs = [{"train": e[::2], "test": e[1::2]} for e in (x, noisy)]
+        return [classification.run(data, lambda t, role, e=e: e[role]) for e in embs]
+    if family == "sts":
+        gold = rng.uniform(0, 5, size=40)
+        a = rng.normal(size=(40, 8))
+        data = {"sentences1": [f"a{i}" for i in range(40)], "sentences2": [f"b{i}" for i in range(40)], "scores": gold}
+        runs = []
+        for noise in (0.3, 1.5):
+            b = a + (5 - gold)[:, None] / 5 * rng.normal(size=a.shape) + noise * rng.normal(size=a.shape)
+            table = dict(zip(data["sentences1"] + data["sentences2"], np.concatenate([a, b])))
+            runs.append(sts.run(data, lambda texts, role, t=table: np.array([t[s] for s in texts])))
+        return runs
+    if family == "retrieval":
+        docs = rng.normal(size=(30, 8))
+        data = {"query_ids": [f"q{i}" for i in range(12)], "queries": [f"q{i}" for i in range(12)],
+                "doc_ids": [f"d{i}" for i in range(30)], "docs": [f"d{i}" for i in range(30)],
+                "qrels": {f"q{i}": {f"d{i}": 1, f"d{i + 12}": 2} for i in range(12)}, "full_corpus": True}
+        runs = []
+        for noise in (0.5, 2.0):
+            q = docs[:12] + docs[12:24] + noise * rng.normal(size=(12, 8))
+            runs.append(retrieval.run(data, lambda texts, role, q=q: q if role == "queries" else docs))
+        return runs
+    x, y = blobs(n_per=10, k=3, spread=2.0)
+    data = {"texts": [str(i) for i in range(30)], "labels": y, "classes": [0, 1, 2]}
+    return [clustering.run(data, lambda t, role, e=e: e, 0, 2, **kw) for e in (x, x + 3 * rng.normal(size=x.shape))]
+
+
+def test_classification_and_retrieval_intervals_equal_a_numpy_recomputation():
+    for fam, key, n in ((classification, "correct", 30), (retrieval, "ndcg_at_10", 12)):
+        after, before = two_columns(fam.__name__.split(".")[-1])
+        a, b = after["items"][key], before["items"][key]
+        assert a.shape == b.shape == (n,)
+        assert a.mean() == pytest.approx(after[fam.MAIN]) and b.mean() == pytest.approx(before[fam.MAIN])  # the items make MAIN
+        iv = fam.interval(after["items"], before["items"], seed=3, resamples=500)
+        lo, hi = numpy_percentile_interval(lambda i: a[i].mean() - b[i].mean(), n, 500, 3)
+        assert (iv.low, iv.high) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12))
+        assert iv.estimate == pytest.approx(after[fam.MAIN] - before[fam.MAIN], abs=1e-12) and (iv.n, iv.resamples) == (n, 500)
+
+
+def test_sts_interval_recomputes_spearman_on_each_draw():
+    after, before = two_columns("sts")
+    it_a, it_b = after["items"], before["items"]
+    assert spearman_by_hand(it_a["sim"], it_a["gold"]) == pytest.approx(after["spearman"], abs=1e-12)
+    tied = np.round(it_a["gold"])  # ties: average ranks, as scipy
+    assert sts.rank_correlation(it_a["sim"][:30].round(1), tied[:30]) == pytest.approx(spearman_by_hand(it_a["sim"][:30].round(1), tied[:30]), abs=1e-12)
+    iv = sts.interval(it_a, it_b, seed=1, resamples=300)
+    g, sa, sb = it_a["gold"], it_a["sim"], it_b["sim"]
+    lo, hi = numpy_percentile_interval(lambda i: spearman_by_hand(sa[i], g[i]) - spearman_by_hand(sb[i], g[i]), 40, 300, 1)
+    assert iv.estimate == pytest.approx(after["spearman"] - before["spearman"], abs=1e-12)
+    assert (iv.low, iv.high) == (pytest.approx(lo, abs=1e-9), pytest.approx(hi, abs=1e-9))
+    assert iv.low < iv.estimate < iv.high
+
+
+def test_clustering_interval_refits_kmeans_on_each_draw():
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+
+    after, before = two_columns("clustering", resamples=50)
+    assert after["items"]["resampled"].shape == (50,) and "x" not in after["items"]  # no embeddings kept
+    iv = clustering.interval(after["items"], before["items"], seed=0, resamples=50)
+    x, y = blobs(n_per=10, k=3, spread=2.0)
+    x2 = x + 3 * np.random.default_rng(0).normal(size=x.shape)
+
+    def nmi(e, i):
+        u = e.astype(np.float64) / np.linalg.norm(e.astype(np.float64), axis=1, keepdims=True)
+        return np.mean([normalized_mutual_info_score(y[i], KMeans(3, n_init=1, random_state=s).fit_predict(u[i])) for s in (0, 1)])
+
+    lo, hi = numpy_percentile_interval(lambda i: nmi(x, i) - nmi(x2, i), 30, 50, 0)
+    assert iv.estimate == pytest.approx(after["nmi_mean"] - before["nmi_mean"], abs=1e-12)
+    assert (iv.low, iv.high) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12))
+    with pytest.raises(ValueError, match="drew 50 resamples"):
+        clustering.interval(after["items"], before["items"], seed=0, resamples=200)
+
+
+@pytest.mark.parametrize("family", ["classification", "sts", "retrieval", "clustering"])
+def test_identical_column_gives_a_zero_interval(family):
+    fam = {"classification": classification, "sts": sts, "retrieval": retrieval, "clustering": clustering}[family]
+    kw = {"resamples": 50} if family == "clustering" else {}
+    col, _ = two_columns(family, **kw)
+    iv = fam.interval(col["items"], col["items"], seed=0, resamples=50 if family == "clustering" else 200)
+    assert (iv.estimate, iv.low, iv.high) == (0.0, 0.0, 0.0) and not iv.excludes_zero
+
+
+def test_better_on_every_item_gives_an_interval_excluding_zero():
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0, 0.8, size=25)
+    iv = retrieval.interval({"ndcg_at_10": before + rng.uniform(0.01, 0.2, size=25)}, {"ndcg_at_10": before})
+    assert iv.excludes_zero and iv.low > 0 and iv.fmt().endswith("]*")
+    half = (np.arange(24) % 2).astype(np.float64)  # every other test sentence right
+    iv = classification.interval({"correct": np.ones(24)}, {"correct": half})
+    assert iv.excludes_zero and iv.estimate == pytest.approx(0.5)
+    noise = classification.interval({"correct": 1 - half}, {"correct": half})  # same accuracy, the other sentences right
+    assert not noise.excludes_zero and noise.low < 0 < noise.high
+
+
+def fake_results():
+    """A results dict as evaluate() writes it: two adapters (seeds) and a control, one STS task."""
+    from mi_tune.stats import Interval, across_seeds
+
+    scores = {"base": {"spearman": 0.30, "pearson": 0.31}, "enh-s42": {"spearman": 0.4455, "pearson": 0.44},
+              "enh-s7": {"spearman": 0.4469, "pearson": 0.45}, "ctl": {"spearman": 0.28, "pearson": 0.29}}
+    iv = lambda est, lo, hi: Interval(est, lo, hi, n=1379).to_dict()  # noqa: E731
+    cols = [{"label": "base", "role": "base"}, {"label": "enh-s42", "role": "adapter"}, {"label": "enh-s7", "role": "adapter"},
+            {"label": "ctl", "role": "control"}]
+    delta = {c: {m: v - scores["base"][m] for m, v in s.items()} for c, s in scores.items() if c != "base"}
+    task = {"family": "sts", "main": "spearman", "scores": scores, "delta": delta,
+            "interval": {"enh-s42": iv(0.1455, 0.12, 0.17), "enh-s7": iv(0.1469, 0.121, 0.172), "ctl": iv(-0.02, -0.031, 0.004)},
+            "interval_vs_control": {"enh-s42": iv(0.1655, 0.14, 0.19), "enh-s7": iv(0.1669, 0.141, 0.192)},
+            "bootstrap": {"method": "paired bootstrap, percentile interval (numpy)", "level": 0.95, "resamples": 2000, "seed": 0,
+                          "n": 1379, "items": "sentence pairs"},
+            "across_adapters": {"delta": across_seeds([0.1455, 0.1469]), "vs_control": across_seeds([0.1655, 0.1669])}}
+    return {"columns": cols, "tasks": {"stsb": task}}
+
+
+def test_table_shows_the_interval_of_the_main_metric_only():
+    from mi_tune.eval.downstream import render_table
+
+    table = render_table(fake_results())
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| stsb")}
+    main, other = rows["spearman *"], rows["pearson"]
+    assert main[4] == "+0.1455 [+0.1200, +0.1700]*" and main[8] == "-0.0200 [-0.0310, +0.0040]"  # enh-s42 Δ; ctl Δ: no *
+    assert main[9:11] == ["+0.1655 [+0.1400, +0.1900]*", "+0.1669 [+0.1410, +0.1920]*"]  # adapter − control
+    assert main[11:] == ["+0.1462 ± 0.0010", "+0.1662 ± 0.0010"]  # across adapters (seeds): Δ and − control
+    assert other[4] == "+0.1300" and "[" not in " ".join(other) and other[11:] == ["", ""]
+    assert "Δ across adapters (seeds)" in table and "− ctl across adapters (seeds)" in table
+    for needle in ("paired bootstrap 95% interval", "percentile", "numpy", "stsb: 2000 draws of 1379 sentence pairs", "excludes 0"):
+        assert needle in table, needle
+
+
+def test_suite_rejects_too_few_bootstrap_draws():
+    with pytest.raises(UserError, match="bootstrap_resamples/clustering_resamples"):
+        load_suite(ROOT / "eval" / "downstream-cpu.yaml", ["clustering_resamples=10"])
+
+
+# ---------------------------------------------------------------------------------------------
 # suites
 
 
@@ -211,7 +371,7 @@ def tiny_suite(tmp_path):
             (root / "folders" / topic / f"{i}.txt").write_text(f"{topic} {sent()}\n\nmore {topic}")
     suite = tmp_path / "tiny-downstream.yaml"
     suite.write_text(
-        "task: downstream\ndata_root: data\nmax_length: 16\nbatch_size: 4\nclustering_seeds: 2\ntasks:\n"
+        "task: downstream\ndata_root: data\nmax_length: 16\nbatch_size: 4\nclustering_seeds: 2\nclustering_resamples: 50\ntasks:\n"
         "  cls: {family: classification, train: cls/train.jsonl, test: cls/test.jsonl, max_train: 20}\n"
         "  sim: {family: sts, data: sts.jsonl}\n"
         "  ret: {family: retrieval, data: beir, max_corpus: 10}\n"
@@ -258,10 +418,47 @@ def test_runner_base_vs_adapter_end_to_end(tiny_suite, tiny_adapter, tmp_path, m
     # the adapter changes the embeddings, so at least one score moves
     assert any(abs(v) > 1e-9 for t in saved["tasks"].values() for v in t["delta"]["tiny-run"].values())
     assert res["layer"] == 3 and res["pooling"] == "last"
+    # every main-metric Δ carries its paired bootstrap interval, over the task's items, shown in the table
+    table = (out / "table.md").read_text()
+    from mi_tune.eval.downstream import fmt_interval
+
+    for name, n, draws in (("cls", 12, 2000), ("sim", 15, 2000), ("ret", 5, 2000), ("clu", 12, 50)):
+        t = saved["tasks"][name]
+        iv = t["interval"]["tiny-run"]
+        assert (iv["n"], iv["resamples"], t["bootstrap"]["n"]) == (n, draws, n) and t["interval_vs_control"] == {}
+        assert iv["estimate"] == pytest.approx(t["delta"]["tiny-run"][t["main"]], abs=1e-12)
+        assert iv["low"] <= iv["estimate"] <= iv["high"] or name == "clu"  # k-means on drawn rows may sit off the full-sample score
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} ") and f" {t['main']} *" in line)
+        assert fmt_interval(iv, 0.0) in row and "[" in fmt_interval(iv, 0.0)
+    assert "paired bootstrap 95% interval" in table and "clu: 50 draws of 12 items" in table and "across adapters" not in table
     # a rerun reads every embedding from the cache and gives identical numbers
     again = evaluate(str(TINY), [str(tiny_adapter)], suite=tiny_suite, out_dir=tmp_path / "out2", tracking=False)
     assert all(c["texts_embedded"] == 0 for c in again["columns"])
     assert again["tasks"] == res["tasks"]
+
+
+def test_adapters_and_control_get_paired_intervals_and_a_spread(tiny_suite, tiny_adapter, tmp_path, monkeypatch):
+    """Three copies of one adapter: two as adapters, one as the control. Every adapter − control interval is [0, 0]
+    (same embeddings, same draws) and the spread across the adapters is 0."""
+    import shutil
+
+    monkeypatch.setenv("MI_TUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    copies = [shutil.copytree(tiny_adapter, tmp_path / "adapters" / name) for name in ("seed7", "control")]
+    res = evaluate(str(TINY), [str(tiny_adapter), str(copies[0])], control=str(copies[1]), suite=tiny_suite, tasks=["sim", "clu"],
+                   overrides=["bootstrap_resamples=200"], out_dir=tmp_path / "out", tracking=False)
+    table = (tmp_path / "out" / "table.md").read_text()
+    for t in res["tasks"].values():
+        assert set(t["interval"]) == {"tiny-run", "seed7", "control"} and set(t["interval_vs_control"]) == {"tiny-run", "seed7"}
+        assert t["interval"]["tiny-run"] == t["interval"]["seed7"] == t["interval"]["control"]  # same draws for every column
+        for iv in t["interval_vs_control"].values():
+            assert (iv["estimate"], iv["low"], iv["high"], iv["excludes_zero"]) == (0.0, 0.0, 0.0, False)
+        spread = t["across_adapters"]
+        assert spread["delta"]["n"] == 2 and spread["delta"]["sd"] == 0.0 and spread["vs_control"]["mean"] == 0.0
+        assert t["bootstrap"]["resamples"] == (50 if t["family"] == "clustering" else 200)
+        assert spread["score"]["mean"] == pytest.approx(t["scores"]["tiny-run"][t["main"]])
+    assert "Δ across adapters (seeds)" in table and "− control across adapters (seeds)" in table
+    assert "+0.0000 [+0.0000, +0.0000]" in table and "+0.0000 ± 0.0000" in table
 
 
 def test_results_attach_to_the_training_run(tiny_suite, tiny_adapter, tmp_path, monkeypatch):

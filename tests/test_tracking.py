@@ -175,7 +175,11 @@ def test_embedded_store_round_trip_and_fallback_is_recorded(embedded_run, monkey
     mv = check_round_trip(embedded_run.uri, embedded_run.run_id, embedded_run.run_dir, max_steps=12)
     run = _client(embedded_run.uri).get_run(embedded_run.run_id)
     assert run.data.tags["mi_tune.tracking_fallback_from"] == embedded_run.dead
-    assert 0.0 <= run.data.metrics["heldout_enhanced_recoverability_acc"] <= 1.0  # the held-out check
+    held = json.loads((embedded_run.run_dir / "metrics.json").read_text())["heldout_check"]["heldout"]
+    for model in ("base", "enhanced"):  # the held-out check: every number of metrics.json, as logged
+        numbers = {k: v for k, v in held[model].items() if isinstance(v, (int, float))}
+        assert "recoverability_acc" in numbers
+        assert {k: run.data.metrics[f"heldout_{model}_{k}"] for k in numbers} == pytest.approx(numbers, rel=1e-6)
     assert not (embedded_run.run_dir / "tracking_unsent.jsonl").exists()
     check_loads_from_registry(embedded_run.uri, mv, embedded_run.run_dir, monkeypatch)
 

@@ -41,7 +41,13 @@ def test_run_folder_file_set(tiny_run):
     assert head_cfg["layer"] == 3 and head_cfg["pooling"] == "last" and head_cfg["base_model"] == "tests/assets/tiny-llama"
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert {"train", "eval", "heldout_check"} <= set(metrics)
-    assert 0.0 <= metrics["heldout_check"]["enhanced"]["recoverability_acc"] <= 1.0
+    check = metrics["heldout_check"]
+    setup = {k: check["setup"][k] for k in ("decoder", "train_sentences", "layer", "pooling", "sets")}
+    assert setup == {"decoder": "ridge", "train_sentences": 200, "layer": 3, "pooling": "last", "sets": ["heldout"]}
+    held = check["heldout"]
+    assert held["sentences"] == 50  # check.eval_sentences
+    acc = {m: held[m]["recoverability_acc"] for m in ("base", "enhanced")}
+    assert held["delta_acc"]["estimate"] == pytest.approx(acc["enhanced"] - acc["base"], abs=1e-6)  # paired: mean of differences
 
 
 def test_plain_peft_loads_adapter_and_no_final_block_weights(tiny_run):
@@ -72,10 +78,19 @@ def test_adapter_and_head_changed_base_fixed(tiny_run):
     base = AutoModelForCausalLM.from_pretrained(TINY)
     ref = AutoModelForCausalLM.from_pretrained(TINY)
     m = PeftModel.from_pretrained(base, str(tiny_run))
-    lora_b = [v for k, v in load_file(str(tiny_run / "adapter_model.safetensors")).items() if "lora_B" in k]
-    assert any(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero: non-zero means it trained
-    head = load_file(str(tiny_run / "head" / "model.safetensors"))
-    assert head["decoder.weight"].abs().sum() > 0  # the head starts at W = 0
+    adapter = load_file(str(tiny_run / "adapter_model.safetensors"))
+    lora_b = [k for k in adapter if "lora_B" in k]
+    assert lora_b and all(adapter[k].abs().sum() > 0 for k in lora_b)  # every lora_B starts at zero: each one trained
+    # the run folder holds the state after the last step (= checkpoint-12), and steps 9..12 still changed every
+    # trained tensor, adapter and head (the head's warm start is non-zero, so only a change shows it trained)
+    ck = tiny_run / "checkpoints"
+    last, earlier = (load_file(str(ck / c / "adapter_model.safetensors")) for c in ("checkpoint-12", "checkpoint-8"))
+    assert adapter.keys() == last.keys() == earlier.keys()
+    assert all(torch.equal(adapter[k], last[k]) for k in adapter)
+    assert [k for k in adapter if torch.equal(adapter[k], earlier[k])] == []
+    head = load_file(str(tiny_run / "head" / "model.safetensors"))["decoder.weight"]
+    assert torch.equal(head, load_file(str(ck / "checkpoint-12" / "head" / "model.safetensors"))["decoder.weight"])
+    assert not torch.equal(head, load_file(str(ck / "checkpoint-8" / "head" / "model.safetensors"))["decoder.weight"])
     ids = torch.tensor([[1, 50, 60, 70]])
     with torch.no_grad():
         out_adapter = m(input_ids=ids).logits
@@ -92,8 +107,11 @@ def test_second_run_of_a_recipe_reuses_the_base_features(tmp_path, monkeypatch, 
     assert "from the feature cache" not in capfd.readouterr().err
     second = _train(tmp_path, "training.max_steps=2", "seed=3", name="b")
     assert "from the feature cache" in capfd.readouterr().err
-    base = [json.loads((r / "metrics.json").read_text())["heldout_check"]["base"] for r in (first, second)]
-    assert base[0] == base[1]  # the same frozen base features, whether computed or read back
+    base = [json.loads((r / "metrics.json").read_text())["heldout_check"]["heldout"]["base"] for r in (first, second)]
+    # the same frozen base features, whether computed or read back: the same scores (the bootstrap intervals
+    # around them are drawn with the run's seed, which differs)
+    point = [{k: v["estimate"] if isinstance(v, dict) else v for k, v in b.items()} for b in base]
+    assert point[0] == point[1] and "recoverability_acc" in point[0]
 
 
 def test_existing_finished_run_is_not_overwritten(tiny_run):
@@ -113,11 +131,51 @@ def test_overwrite_moves_old_run_aside(tmp_path):
 def _complete_steps(ckpts: Path) -> list[int]:
     if not ckpts.exists():
         return []
-    return [int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*") if (p / "checkpoint_complete.json").exists()]
+    return sorted(int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*") if (p / "checkpoint_complete.json").exists())
 
 
-def _partial_save(ckpts: Path) -> bool:
-    return ckpts.exists() and any(not (p / "checkpoint_complete.json").exists() for p in ckpts.glob("checkpoint-*"))
+def _incomplete(ckpts: Path) -> list[str]:
+    if not ckpts.exists():
+        return []
+    return sorted(p.name for p in ckpts.glob("checkpoint-*") if p.is_dir() and not (p / "checkpoint_complete.json").exists())
+
+
+# Kill points, in order: (name, pause in the next checkpoint save?, the marker the run writes at that point
+# (mi_tune.trainer.write_marker; {step} = that next save), what must hold once the run is dead). Each launch
+# gets its own marker folder.
+def _kill_points(run: Path):
+    ckpts = run / "checkpoints"
+    half_saved = {}
+
+    def startup(markers, log, step):  # after the model loaded, before the first save of the run: nothing to resume from yet
+        assert _complete_steps(ckpts) == [] and not list(markers.glob("save-begin-*")), sorted(os.listdir(markers))
+
+    def after_10(markers, log, step):
+        assert 10 in _complete_steps(ckpts) and "resuming from" not in log  # the first run started from scratch
+
+    def in_save(markers, log, step):  # checkpoint-<step> half-written: weights in, no optimizer/state, no completion marker
+        half = ckpts / f"checkpoint-{step}"
+        assert _incomplete(ckpts) == [half.name] and max(_complete_steps(ckpts)) == step - 5
+        assert (half / "adapter_model.safetensors").exists() and (markers / f"save-begin-{step}").exists()
+        assert not (half / "trainer_state.json").exists() and not (markers / f"save-done-{step}").exists()
+        assert log.split("resuming from", 1)[1].splitlines()[0].endswith(f"checkpoint-{step - 5}")
+        half_saved["step"] = step
+
+    def second_epoch(markers, log, step):  # the half save was thrown away, the run went on from the one before it
+        line = next(x for x in log.splitlines() if "ignoring incomplete checkpoint" in x)
+        assert f"checkpoint-{half_saved['step']} " in line
+        assert log.split("resuming from", 1)[1].splitlines()[0].endswith(f"checkpoint-{half_saved['step'] - 5}")
+        state = json.loads((ckpts / "checkpoint-35" / "trainer_state.json").read_text())
+        assert 1.0 < state["epoch"] < 2.0, state["epoch"]
+
+    def at_end(markers, log, step):
+        assert max(_complete_steps(ckpts)) == 60 and not (run / "metrics.json").exists()
+
+    return [("during start-up", False, "startup", startup),
+            ("after checkpoint-10", False, "save-done-10", after_10),
+            ("during a checkpoint save", True, "save-paused-{step}", in_save),
+            ("second epoch", False, "save-done-35", second_epoch),
+            ("after the last checkpoint", False, "save-done-60", at_end)]
 
 
 def test_kill_9_at_five_points_then_rerun_resumes_to_the_same_result(tmp_path):
@@ -126,36 +184,43 @@ def test_kill_9_at_five_points_then_rerun_resumes_to_the_same_result(tmp_path):
     ref = run_cli("mi_tune.train", *args, f"output_root={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr[-2000:]
     run = tmp_path / "cut" / "tiny"
-    ckpts = run / "checkpoints"
-    # kill points: mid-training; during start-up (before any step); during a checkpoint save (a folder
-    # without its completion marker); in the second epoch; at the end (after the last checkpoint)
-    points = [
-        ("after checkpoint-10", lambda: any(s >= 10 for s in _complete_steps(ckpts))),
-        ("during start-up", lambda: (run / "run_info.json").exists() or True),
-        ("during a checkpoint save", lambda: _partial_save(ckpts) and max(_complete_steps(ckpts) or [0]) >= 15),
-        ("second epoch", lambda: any(s >= 35 for s in _complete_steps(ckpts))),
-        ("after the last checkpoint", lambda: any(s >= 60 for s in _complete_steps(ckpts))),
-    ]
     cmd = [sys.executable, "-m", "mi_tune.train", *args, f"output_root={tmp_path / 'cut'}"]
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("MI_TUNE_TEST_")}
+    points = _kill_points(run)
     killed = []
-    for name, when in points:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if when():
+    for i, (name, pause, marker, check) in enumerate(points):
+        markers, log_path = tmp_path / f"markers-{i}", tmp_path / f"launch-{i}.log"
+        step = max(_complete_steps(run / "checkpoints"), default=0) + 5  # the next save of this launch (save_steps=5)
+        marker = marker.format(step=step)
+        env = {**base_env, "MI_TUNE_TEST_MARKERS": str(markers)}
+        if pause:  # that save stops half-written until killed: the kill lands inside the save for sure
+            env["MI_TUNE_TEST_PAUSE_IN_SAVE"] = str(step)
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (markers / marker).exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"kill point {name!r}: the run {'exited' if proc.poll() is not None else 'timed out'} before "
+                                f"writing the marker {marker!r}\n" + log_path.read_text()[-3000:])
+                time.sleep(0.005)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.005)
-        proc.wait()
-        if proc.returncode == -signal.SIGKILL:
-            killed.append(name)
-        assert not (run / "metrics.json").exists() or name == points[-1][0]
-    assert len(killed) >= 4, killed  # the save-window kill can be missed if the save is faster than the poll
+                proc.wait()
+        # killed by our SIGKILL (not finished, not failed); the run is dead, so what it left on disk is what resume sees
+        assert proc.returncode == -signal.SIGKILL, (name, proc.returncode, log_path.read_text()[-3000:])
+        check(markers, log_path.read_text(), step)
+        killed.append(name)
+    assert killed == [p[0] for p in points]
     again = run_cli("mi_tune.train", *args, f"output_root={tmp_path / 'cut'}")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "resuming from" in again.stderr
+    assert "checkpoint-60" in again.stderr.split("resuming from", 1)[1].splitlines()[0]
     a = load_file(str(tmp_path / "ref" / "tiny" / "adapter_model.safetensors"))
     b = load_file(str(run / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     ha = load_file(str(tmp_path / "ref" / "tiny" / "head" / "model.safetensors"))

@@ -7,9 +7,11 @@ Every model in a comparison ("columns": base, each --adapter, the --control) is 
 layer and pooling (CLI > suite > the first adapter's head > the model's default) through
 ``mi_tune.embedding.embed_texts``, the path training and the probe use. Embeddings are cached on
 disk, keyed by model, adapter content, exact texts, layer, pooling and max length, so a rerun (or
-adding a column) only embeds what is new. Writes results.json, table.md and chart.png to the output
-folder (default: <first adapter run folder>/downstream/<suite>, else outputs/downstream/<model>/<suite>)
-and logs to MLflow, into the training run when an adapter folder has tracking_run.json.
+adding a column) only embeds what is new. Each main metric's difference (column − base, adapter −
+control) carries a paired bootstrap 95% interval over the task's items (``mi_tune.stats``). Writes
+results.json, table.md and chart.png to the output folder (default: <first adapter run folder>/
+downstream/<suite>, else outputs/downstream/<model>/<suite>) and logs to MLflow, into the training run
+when an adapter folder has tracking_run.json.
 
 Python API: ``evaluate(model=..., adapters=[...], control=..., suite="eval/downstream-cpu.yaml")`` returns
 the results dict. Reads top to bottom: suite -> data -> models (embed + score, one column at a time)
@@ -32,7 +34,8 @@ import numpy as np
 from ..config import _build
 from ..errors import UserError, cli_main, field_error
 from ..modeling import check_layer, log
-from .tasks import TaskSpec, check_spec, classification, clustering, retrieval, sts
+from ..stats import LEVEL, RESAMPLES, Interval, across_seeds
+from .tasks import ITEMS_KEY, TaskSpec, check_spec, classification, clustering, retrieval, sts
 
 FAMILIES = {"classification": classification, "sts": sts, "retrieval": retrieval, "clustering": clustering}
 OUTPUT_FILES = ("results.json", "table.md", "chart.png")
@@ -52,6 +55,8 @@ class Suite:
     pooling: Optional[Literal["mean", "last", "first", "max", "weighted_mean"]] = None  # null: head's, else the model kind's default
     seed: int = 0  # subsampling, logistic regression and the first k-means seed
     clustering_seeds: int = 5  # k-means runs per clustering task (mean and std reported)
+    bootstrap_resamples: int = RESAMPLES  # paired bootstrap draws of a task's items behind each Δ's 95% interval
+    clustering_resamples: int = clustering.RESAMPLES  # fewer for clustering: each draw refits k-means clustering_seeds times per model
     tasks: dict = field(default_factory=dict)
 
 
@@ -86,6 +91,10 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> tuple[Su
     if suite.max_length < 2 or suite.batch_size < 1 or suite.clustering_seeds < 1:
         errors.append(field_error("max_length/batch_size/clustering_seeds", (suite.max_length, suite.batch_size, suite.clustering_seeds),
                                   "max_length >= 2, batch_size >= 1, clustering_seeds >= 1", "use e.g. 128, 32, 5"))
+    if suite.bootstrap_resamples < 50 or suite.clustering_resamples < 50:
+        errors.append(field_error("bootstrap_resamples/clustering_resamples", (suite.bootstrap_resamples, suite.clustering_resamples),
+                                  "integers >= 50 (fewer draws cannot place the ends of a 95% interval)",
+                                  f"use e.g. {RESAMPLES}, {clustering.RESAMPLES}"))
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise UserError(f"suite {path} has {len(errors)} problem(s):\n{lines}")
@@ -140,24 +149,46 @@ def make_embed(ready, adapter, layer: int, pooling: str, batch_size: int, use_ca
     return embed
 
 
-def score_column(ready, adapter, label: str, layer: int, pooling: str, suite: Suite, specs: dict, data: dict, use_cache: bool) -> tuple[dict, dict]:
-    """Scores of one model on every task: {task: {metric: value}}, plus timing stats."""
+def score_column(ready, adapter, label: str, layer: int, pooling: str, suite: Suite, specs: dict, data: dict, use_cache: bool,
+                 compared: bool = False) -> tuple[dict, dict, dict]:
+    """Scores of one model on every task: {task: {metric: value}}, what the paired bootstraps need {task: items}, and
+    timing stats. ``compared``: other columns will be compared with this one (clustering then refits its bootstrap draws)."""
     stats = {"embed_s": 0.0, "texts_embedded": 0, "texts_from_cache": 0, "task_s": {}, "truncated": {}, "texts": {}}
     embed = make_embed(ready, adapter, layer, pooling, suite.batch_size, use_cache, stats, label)
-    scores = {}
+    scores, items = {}, {}
     for name, spec in specs.items():
         t0 = time.perf_counter()
         max_length = spec.max_length or suite.max_length
         task_embed = lambda texts, role, n=name, ml=max_length: embed(texts, f"{n}/{role}", ml)  # noqa: E731
         if spec.family == "clustering":
-            scores[name] = clustering.run(data[name], task_embed, suite.seed, suite.clustering_seeds)
+            scores[name] = clustering.run(data[name], task_embed, suite.seed, suite.clustering_seeds,
+                                          resamples=suite.clustering_resamples if compared else 0)
         else:
             scores[name] = FAMILIES[spec.family].run(data[name], task_embed, suite.seed)
+        items[name] = scores[name].pop(ITEMS_KEY)
         stats["task_s"][name] = round(time.perf_counter() - t0, 2)
         main = FAMILIES[spec.family].MAIN
         log(f"{label}: {name} {main}={scores[name][main]:.4f} ({stats['task_s'][name]:.1f} s; "
             f"{stats['truncated'].get(name, 0)} of {stats['texts'].get(name, 0)} texts cut at {max_length} tokens)")
-    return scores, stats
+    return scores, items, stats
+
+
+def task_intervals(family: str, items: dict, base: str, adapters: list[str], control: str | None, suite: Suite) -> dict:
+    """Paired bootstrap intervals of the task's MAIN metric: every column − base, and every adapter − control.
+
+    Every comparison of a task uses the same draws of its items (seed: the suite's), so the intervals are paired
+    and reproducible. ``items``: {column label: the family's per-item entry}.
+    """
+    fam = FAMILIES[family]
+    resamples = suite.clustering_resamples if family == "clustering" else suite.bootstrap_resamples
+    ci = lambda a, b: fam.interval(items[a], items[b], suite.seed, resamples).to_dict()  # noqa: E731
+    out = {"interval": {lbl: ci(lbl, base) for lbl in items if lbl != base},
+           "interval_vs_control": {a: ci(a, control) for a in adapters} if control else {}}
+    if out["interval"]:
+        n = next(iter(out["interval"].values()))["n"]
+        out["bootstrap"] = {"method": "paired bootstrap, percentile interval (numpy)", "level": LEVEL, "resamples": resamples,
+                            "seed": suite.seed, "n": n, "items": fam.ITEMS}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,8 +204,20 @@ def fmt_delta(d: float) -> str:
     return f"{d:+.4f}"
 
 
+def fmt_interval(interval: dict | None, delta: float) -> str:
+    """'+0.0123 [+0.0050, +0.0190]*' from an ``Interval.to_dict()`` (the * marks an interval that excludes 0); a plain Δ without one."""
+    if not interval:
+        return fmt_delta(delta)
+    return Interval(**{k: interval[k] for k in ("estimate", "low", "high", "level", "resamples", "n")}).fmt()
+
+
+def fmt_spread(s: dict) -> str:
+    return f"{s['mean']:+.4f} ± {s['sd']:.4f}"
+
+
 def render_table(results: dict) -> str:
-    """Markdown table (also printed): one row per task metric; base, then each column with its delta."""
+    """Markdown table (also printed): one row per task metric; base, then each column with its delta. The main metric's
+    deltas carry their paired bootstrap interval; with 2+ adapters, their mean ± sd follows."""
     cols = results["columns"]
     base = cols[0]["label"]
     header = ["task", "metric", base]
@@ -184,19 +227,46 @@ def render_table(results: dict) -> str:
     adapters = [c["label"] for c in cols if c["role"] == "adapter"]
     if controls:
         header += [f"{a} − {controls[0]}" for a in adapters]
+    across = any("across_adapters" in t for t in results["tasks"].values())
+    if across:
+        header += ["Δ across adapters (seeds)"] + ([f"− {controls[0]} across adapters (seeds)"] if controls else [])
     rows = []
     for task, t in results["tasks"].items():
         for m in metric_names(t["scores"]):
-            row = [task, m + (" *" if m == t["main"] else ""), f"{t['scores'][base][m]:.4f}"]
+            main = m == t["main"]
+            row = [task, m + (" *" if main else ""), f"{t['scores'][base][m]:.4f}"]
             for c in cols[1:]:
-                row += [f"{t['scores'][c['label']][m]:.4f}", fmt_delta(t["delta"][c["label"]][m])]
+                d = t["delta"][c["label"]][m]
+                row += [f"{t['scores'][c['label']][m]:.4f}", fmt_interval(t.get("interval", {}).get(c["label"]), d) if main else fmt_delta(d)]
             if controls:
-                row += [fmt_delta(t["scores"][a][m] - t["scores"][controls[0]][m]) for a in adapters]
+                for a in adapters:
+                    d = t["scores"][a][m] - t["scores"][controls[0]][m]
+                    row.append(fmt_interval(t.get("interval_vs_control", {}).get(a), d) if main else fmt_delta(d))
+            if across:
+                spread = t.get("across_adapters") if main else None
+                row += [fmt_spread(spread["delta"]) if spread else ""]
+                if controls:
+                    row += [fmt_spread(spread["vs_control"]) if spread else ""]
             rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
-    return "\n".join(out) + "\n\n* main metric of the task. Δ = column − " + base + ".\n"
+    return "\n".join(out) + "\n\n* main metric of the task. Δ = column − " + base + ".\n" + interval_note(results, across)
+
+
+def interval_note(results: dict, across: bool) -> str:
+    """Footnote: what the intervals next to the main metric's deltas are."""
+    boot = {task: t["bootstrap"] for task, t in results["tasks"].items() if t.get("bootstrap")}
+    if not boot:
+        return ""
+    b0 = next(iter(boot.values()))
+    draws = "; ".join(f"{task}: {b['resamples']} draws of {b['n']} {b['items']}" for task, b in boot.items())
+    note = (f"[low, high] after a main metric's difference: paired bootstrap {b0['level']:.0%} interval, percentile method (numpy, seed "
+            f"{b0['seed']}): the task's items are drawn with replacement, the same draw for both sides, and the metric is recomputed "
+            f"on each draw; a trailing * marks an interval that excludes 0. {draws}.\n")
+    if across:
+        note += "Across adapters (seeds): mean ± sample sd over the adapters (not the control) of the main metric's difference.\n"
+    return note
 
 
 def draw_chart(results: dict, path: Path) -> None:
@@ -226,12 +296,15 @@ def draw_chart(results: dict, path: Path) -> None:
         others = cols[1:]
         w2 = 0.8 / len(others)
         for i, c in enumerate(others):
-            vals = [results["tasks"][t]["delta"][c][results["tasks"][t]["main"]] for t in tasks]
-            ax.bar(x + (i - (len(others) - 1) / 2) * w2, vals, w2, label=f"{c} − {cols[0]}", color=f"C{i + 1}")  # same colour as on the left
+            vals = np.array([results["tasks"][t]["delta"][c][results["tasks"][t]["main"]] for t in tasks])
+            ci = [results["tasks"][t].get("interval", {}).get(c) for t in tasks]
+            err = np.nan_to_num(np.array([[v - iv["low"], iv["high"] - v] if iv else [0.0, 0.0] for v, iv in zip(vals, ci)]).T.clip(0))  # (2, T)
+            ax.bar(x + (i - (len(others) - 1) / 2) * w2, vals, w2, yerr=err, capsize=2, error_kw={"linewidth": 0.8},
+                   label=f"{c} − {cols[0]}", color=f"C{i + 1}")  # same colour as on the left; bars: paired bootstrap 95% interval
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(x, names, fontsize=8)
         ax.set_ylabel("Δ vs " + cols[0])
-        ax.set_title("change vs base")
+        ax.set_title("change vs base (paired bootstrap 95% intervals)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -383,7 +456,7 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
         log(f"data {name} ({spec.family}): " + ", ".join(f"{k}={v}" for k, v in sizes.items()) + f" ({time.perf_counter() - t0:.1f} s)")
 
     # ---- models: one column at a time (load, embed, score, free) ----
-    scores, col_info = {}, []
+    scores, items, col_info = {}, {}, []
     for col in columns:
         t0, c0 = time.perf_counter(), time.process_time()
         ready = load_ready(model, col.adapter)
@@ -393,7 +466,8 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
             layer = check_layer(layer if layer is not None else default_layer, ready.loaded.num_hidden_states, model_name)
             pooling = pooling or default_pool
             log(f"embedding: layer {layer} of {ready.loaded.num_hidden_states - 1}, {pooling} pooling, for every column")
-        scores[col.label], stats = score_column(ready, col.adapter, col.label, layer, pooling, cfg, specs, data, cache)
+        scores[col.label], items[col.label], stats = score_column(ready, col.adapter, col.label, layer, pooling, cfg, specs, data, cache,
+                                                                  compared=len(columns) > 1)
         del ready
         gc.collect()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -410,6 +484,8 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
 
     # ---- report ----
     base = columns[0].label
+    adapter_labels = [c.label for c in columns if c.role == "adapter"]
+    control_label = next((c.label for c in columns if c.role == "control"), None)
     results = {
         "suite": cfg.name, "suite_file": str(suite_path), "data_root": str(root), "model": model_name,
         "layer": layer, "pooling": pooling, "max_length": cfg.max_length, "seed": cfg.seed, "clustering_seeds": cfg.clustering_seeds,
@@ -425,6 +501,18 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
             "scores": {lbl: {k: v for k, v in s.items() if k not in COUNT_KEYS} for lbl, s in per.items()},
             "delta": {lbl: {k: v - per[base][k] for k, v in s.items() if k not in COUNT_KEYS} for lbl, s in per.items() if lbl != base},
         }
+        t0 = time.perf_counter()
+        t = results["tasks"][name]
+        t.update(task_intervals(spec.family, {c.label: items[c.label][name] for c in columns}, base, adapter_labels, control_label, cfg))
+        if len(adapter_labels) >= 2:  # the adapters as repeats (e.g. training seeds) of one recipe: mean ± sd of the main metric
+            main = t["main"]
+            t["across_adapters"] = {"score": across_seeds([t["scores"][a][main] for a in adapter_labels]),
+                                    "delta": across_seeds([t["delta"][a][main] for a in adapter_labels])}
+            if control_label:
+                t["across_adapters"]["vs_control"] = across_seeds([t["scores"][a][main] - t["scores"][control_label][main] for a in adapter_labels])
+        if t["interval"]:
+            log(f"bootstrap {name}: {len(t['interval']) + len(t['interval_vs_control'])} paired interval(s) of {t['main']}, "
+                f"{t['bootstrap']['resamples']} draws of {t['bootstrap']['n']} {t['bootstrap']['items']} ({time.perf_counter() - t0:.1f} s)")
     if out_dir is None:
         first_local = next((Path(c.adapter) for c in columns[1:] if Path(c.adapter).is_dir()), None)
         out_dir = first_local / "downstream" / cfg.name if first_local else Path("outputs") / "downstream" / slug(model_name) / cfg.name

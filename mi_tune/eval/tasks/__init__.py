@@ -2,8 +2,11 @@
 
 Each family module has ``load(spec, data_root) -> data`` (texts, labels, splits), a pure metric function
 and ``run(data, embed, seed) -> dict[str, float]`` where ``embed(texts, role)`` returns (N, D) float32.
-This file holds what they share: reading rows from a local file, a folder of class folders, a ``pypi:``
-wheel or a Hub data set, and seeded subsampling.
+``run`` also returns, under ``ITEMS_KEY``, what a paired bootstrap of the family's ``MAIN`` metric needs,
+per item and in the same item order for every model; the family's ``interval(after, before, seed, resamples)``
+turns two such entries into the ``mi_tune.stats.Interval`` of MAIN(after) − MAIN(before) (``ITEMS`` names
+what is resampled). This file holds what they share: reading rows from a local file, a folder of class
+folders, a ``pypi:`` wheel or a Hub data set, and seeded subsampling.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ...errors import UserError, field_error
 from ...sources import PYPI_PREFIX, resolve_path
 
 HUB_KEYS = ("hub", "config", "split", "revision")
+ITEMS_KEY = "items"  # run()'s per-item entry for the paired bootstrap (numpy arrays; never written to results.json)
 
 Source = Union[str, dict, None]  # a path under data_root, pypi:REQ/path, or {hub: NAME, config: ..., split: ...}
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import UserError, field_error
-from . import TaskSpec, local_path, read_file, read_hub, subsample
+from ...stats import RESAMPLES, Interval, paired_mean_difference
+from . import ITEMS_KEY, TaskSpec, local_path, read_file, read_hub, subsample
 
 
 def _read_beir(spec: TaskSpec, data_root) -> tuple[dict, dict, dict]:
@@ -51,8 +52,8 @@ def load(spec: TaskSpec, data_root, seed: int = 0) -> dict:
             "qrels": {q: qrels[q] for q in qids}, "full_corpus": len(dids) == len(corpus)}
 
 
-def metrics(query_emb: np.ndarray, doc_emb: np.ndarray, relevance: list[dict[int, int]]) -> dict[str, float]:
-    """(Q, D) queries, (N, D) documents, and per query {doc index: graded relevance} -> nDCG@10, MRR@10, recall@100.
+def per_query(query_emb: np.ndarray, doc_emb: np.ndarray, relevance: list[dict[int, int]]) -> dict[str, np.ndarray]:
+    """(Q, D) queries, (N, D) documents, and per query {doc index: graded relevance} -> (Q,) nDCG@10, MRR@10, recall@100.
 
     nDCG uses linear gains and log2(rank + 1) discounts (trec_eval); the ideal ranking is built from all
     judged documents of the query. Ties in score keep corpus order.
@@ -73,10 +74,16 @@ def metrics(query_emb: np.ndarray, doc_emb: np.ndarray, relevance: list[dict[int
             mrr.append(1.0 / (hits[0] + 1) if len(hits) else 0.0)
             relevant = {i for i, g in rel.items() if g > 0}
             recall.append(len(relevant & {int(i) for i in row}) / len(relevant) if relevant else 0.0)
-    return {"ndcg_at_10": float(np.mean(ndcg)), "mrr_at_10": float(np.mean(mrr)), "recall_at_100": float(np.mean(recall))}
+    return {"ndcg_at_10": np.array(ndcg, dtype=np.float64), "mrr_at_10": np.array(mrr, dtype=np.float64),
+            "recall_at_100": np.array(recall, dtype=np.float64)}
 
 
-def run(data: dict, embed, seed: int = 0) -> dict[str, float]:
+def metrics(query_emb: np.ndarray, doc_emb: np.ndarray, relevance: list[dict[int, int]]) -> dict[str, float]:
+    """(Q, D) queries, (N, D) documents, per query {doc index: graded relevance} -> mean nDCG@10, MRR@10, recall@100 (see per_query)."""
+    return {k: float(np.mean(v)) for k, v in per_query(query_emb, doc_emb, relevance).items()}
+
+
+def run(data: dict, embed, seed: int = 0) -> dict:
     doc_index = {d: i for i, d in enumerate(data["doc_ids"])}
     relevance = [{doc_index[d]: g for d, g in data["qrels"][q].items() if d in doc_index} for q in data["query_ids"]]
     # Judged documents missing from the corpus still count in the ideal ranking (as trec_eval does).
@@ -86,9 +93,17 @@ def run(data: dict, embed, seed: int = 0) -> dict[str, float]:
             rel[-1 - j] = g  # negative keys never match a retrieved index
     q = embed(data["queries"], "queries")  # (Q, D)
     d = embed(data["docs"], "corpus")  # (N, D)
-    out = metrics(q, d, relevance)
+    each = per_query(q, d, relevance)  # (Q,) per metric
+    out = {k: float(np.mean(v)) for k, v in each.items()}
     out.update(n_queries=len(data["queries"]), n_docs=len(data["docs"]), full_corpus=float(data["full_corpus"]))
+    out[ITEMS_KEY] = {MAIN: each[MAIN]}
     return out
 
 
+def interval(after: dict, before: dict, seed: int = 0, resamples: int = RESAMPLES) -> Interval:
+    """Paired bootstrap of nDCG@10(after) − nDCG@10(before): the mean per-query difference."""
+    return paired_mean_difference(after[MAIN], before[MAIN], resamples, seed)
+
+
 MAIN = "ndcg_at_10"
+ITEMS = "queries"
