@@ -27,7 +27,8 @@ HELDOUT = "heldout"
 class OodSet:
     name: str
     source: str
-    texts: list[str]
+    texts: list[str]  # the scored sample
+    all_texts: list[str]  # every cleaned unit of the source: H(T) is estimated on all of them (less biased)
 
 
 def ood_sets(recipe: Recipe) -> list[OodSet]:
@@ -47,7 +48,7 @@ def ood_sets(recipe: Recipe) -> list[OodSet]:
         name = spec.get("name") or Path(spec["source"]).parent.name + "/" + Path(spec["source"]).stem
         texts = read_texts(spec["source"], cfg, what, cfg.split)
         random.Random(f"{recipe.seed}-{name}").shuffle(texts)
-        out.append(OodSet(name, spec["source"], texts[: recipe.check.ood_sentences]))
+        out.append(OodSet(name, spec["source"], texts[: recipe.check.ood_sentences], texts))
         log(f"check: out-of-domain set {name!r}: {len(out[-1].texts)} of {len(texts)} units from {spec['source']}")
     return out
 
@@ -86,12 +87,24 @@ def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_id
     return out
 
 
-def heldout_check(model, tokenizer, base: dict, recipe: Recipe, head_cfg, documents: dict | None = None) -> dict:
-    """Base vs enhanced on every evaluation set; see the module docstring. ``base`` from ``base_features``."""
+def heldout_check(model, tokenizer, base: dict, recipe: Recipe, head_cfg, exclude_ids, pools: dict | None = None,
+                  prior_seqs=None, documents: dict | None = None) -> dict:
+    """Base vs enhanced on every evaluation set; see the module docstring. ``base`` from ``base_features``.
+
+    ``pools``: set -> token id lists of a larger sample of that set's distribution, on which H(T) is estimated (the
+    plug-in estimate is biased low, less so on more text); ``prior_seqs``: the training text, whose bag-token
+    frequencies are the prior inside q(t|E). Without them, the scored sentences and the decoder's training
+    sentences serve.
+    """
     from .decoders import BagSet, InformationProbe, fit_bce, fit_ridge, prior_per_sentence
     from .embedding import embed_token_ids
+    from .metrics import bag_token_distribution_of_seqs, entropy_bits
     from .stats import paired_mean_difference
 
+    V = head_cfg.vocab_size
+    entropy = {name: entropy_bits(torch.from_numpy(bag_token_distribution_of_seqs(seqs, V, exclude_ids)))
+               for name, seqs in (pools or {}).items()}
+    prior = bag_token_distribution_of_seqs(prior_seqs, V, exclude_ids) if prior_seqs else None
     s = recipe.check
     n_tr = min(s.train_sentences, len(base["train"][0]))
     sets = [k for k in base if k != "train"]
@@ -111,10 +124,10 @@ def heldout_check(model, tokenizer, base: dict, recipe: Recipe, head_cfg, docume
         X_tr, Y_tr = feats["train"]
         dec = fit_ridge(X_tr, Y_tr, s.ridge_lambda) if linear else fit_bce(X_tr, Y_tr)
         train_bags = BagSet.of(Y_tr, dec.active)
-        probe = InformationProbe(dec, 0, X_tr[0], train_bags, linear)
+        probe = InformationProbe(dec, 0, X_tr[0], train_bags, linear, prior)
         for name in sets:
             X_ev, Y_ev = feats[name]
-            bs = BagSet.of(Y_ev, dec.active)
+            bs = BagSet.of(Y_ev, dec.active, entropy.get(name))
             p = probe.per_sentence(X_ev[0], bs)
             p["prior"] = prior_per_sentence(train_bags.ya, bs, dec.vocab_size)  # same for both models: same training bags
             per[model_name, name] = p
@@ -130,6 +143,8 @@ def heldout_check(model, tokenizer, base: dict, recipe: Recipe, head_cfg, docume
                                                                             recipe.seed).to_dict()
         results[name]["sentences"] = int(len(b["acc"]))
     results["setup"] = {"decoder": s.decoder, "train_sentences": n_tr, "layer": head_cfg.layer, "pooling": head_cfg.pooling,
+                        "entropy_sentences": {name: len(seqs) for name, seqs in (pools or {}).items()},
+                        "prior_sentences": len(prior_seqs) if prior_seqs else n_tr,
                         "vocab_size": head_cfg.vocab_size, "sets": sets, "bootstrap": f"paired, 95% percentile, {s.bootstrap_resamples} "
                         f"resamples of sentences (numpy)", **(documents or {})}
     return results

@@ -17,6 +17,8 @@ ranking, top-k and cosine are those of the full-vocabulary decoder. For SmolLM2 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,8 +26,8 @@ import numpy as np
 import torch
 
 from .losses import recoverability_loss
-from .metrics import (CALIBRATION_SENTENCES, bag_cross_entropy_bits, bag_token_entropy_bits, calibrate, compact_log_q, compact_prior,
-                      information)
+from .metrics import (CALIBRATION_SENTENCES, bag_cross_entropy_bits, bag_token_entropy_bits, calibrate, compact_log_q, information,
+                      smoothed_log_prior)
 
 # GCV grid for the ridge strength (multiplies N, on z-scored features): 1e-4 .. 1e2 in half decades.
 RIDGE_GCV_GRID = tuple(10.0 ** (k / 2) for k in range(-8, 5))
@@ -211,32 +213,45 @@ class BagSet:
     """The bags of one set restricted to a decoder's seen ids, plus what the information metrics need."""
 
     ya: torch.Tensor  # (N, A) bag on the seen ids
-    u: torch.Tensor  # (N,) bag ids never seen in training
-    entropy_bits: float  # plug-in H(T) of the set (metrics.bag_token_entropy_bits)
+    u: torch.Tensor  # (N,) how many bag ids were never seen in training
+    unseen_rows: torch.Tensor  # (M,) sentence of each (sentence, never-seen bag id) pair
+    unseen_ids: torch.Tensor  # (M,) its vocabulary id
+    entropy_bits: float  # plug-in H(T) (metrics.bag_token_entropy_bits), of these bags or of a larger sample
     max_bag: int  # the list size of the list-Fano bound
 
     @classmethod
-    def of(cls, bags: torch.Tensor, active: torch.Tensor) -> "BagSet":
+    def of(cls, bags: torch.Tensor, active: torch.Tensor, entropy_bits: float | None = None) -> "BagSet":
+        """``entropy_bits``: H(T) estimated on a larger sample of the same distribution (less biased); else on ``bags``."""
         ya, u = compact_bags(bags, active)
         k = ya.sum(1, dtype=torch.float32) + u
-        return cls(ya, u, bag_token_entropy_bits(bags), int(k.max()) if k.numel() else 0)
+        rest = bags.bool().clone()
+        rest[:, active] = False
+        rows, ids = rest.nonzero(as_tuple=True)
+        return cls(ya, u, rows, ids, bag_token_entropy_bits(bags) if entropy_bits is None else float(entropy_bits),
+                   int(k.max()) if k.numel() else 0)
 
 
 class InformationProbe:
     """Scores one decoder layer on sets and turns them into per-sentence accuracy, cosine and cross-entropy.
 
-    q(t|E) for the variational bound is fitted (temperature and prior mix, metrics.calibrate) on the decoder's
-    training sentences, before any evaluation set is scored.
+    q(t|E) = (1 - alpha) softmax(tau * scores) + alpha * prior, the prior a smoothed bag-token distribution of training
+    text (``prior``: (V,), default: the decoder's training bags); tau and alpha are picked (metrics.calibrate) on the
+    decoder's training sentences, before any evaluation set is scored.
     """
 
-    def __init__(self, dec: LinearDecoders, j: int, X_train, train: BagSet, linear: bool):
+    def __init__(self, dec: LinearDecoders, j: int, X_train, train: BagSet, linear: bool, prior: np.ndarray | None = None):
         self.dec, self.j, self.linear = dec, j, linear
         self.unseen = dec.vocab_size - len(dec.active)
-        self.log_prior = compact_prior(train.ya, dec.vocab_size)
+        if prior is None:
+            prior = torch.zeros(dec.vocab_size, dtype=torch.float64)
+            k = train.ya.sum(1, keepdim=True, dtype=torch.float32).clamp(min=1)
+            prior[dec.active] = (train.ya.float() / k).mean(0).double()
+        self.log_prior = smoothed_log_prior(prior)  # (V,)
+        self.log_prior_a = self.log_prior[dec.active]  # (A,)
         n = min(CALIBRATION_SENTENCES, len(train.u))
-        chunks = [(dec.compact_scores(torch.as_tensor(X_train[s: s + ROW_CHUNK][: n - s]), j), train.ya[s: min(s + ROW_CHUNK, n)],
-                   train.u[s: min(s + ROW_CHUNK, n)]) for s in range(0, n, ROW_CHUNK)]
-        self.tau, self.alpha = calibrate(chunks, self.unseen, self.log_prior)
+        chunks = [(dec.compact_scores(torch.as_tensor(X_train[s: min(s + ROW_CHUNK, n)]), j), train.ya[s: min(s + ROW_CHUNK, n)])
+                  for s in range(0, n, ROW_CHUNK)]
+        self.tau, self.alpha = calibrate(chunks, self.unseen, self.log_prior_a)
 
     def per_sentence(self, X, bs: BagSet, keep_top: bool = False) -> dict:
         """{"acc", "cos", "ce_bits"}: (N,) each; with ``keep_top`` also the top ids per sentence for BLEU/ROUGE."""
@@ -245,7 +260,12 @@ class InformationProbe:
             C = self.dec.compact_scores(torch.as_tensor(X[s: s + ROW_CHUNK]), self.j)  # (B, A+1)
             ya, u = bs.ya[s: s + ROW_CHUNK].float(), bs.u[s: s + ROW_CHUNK]
             acc, cos, idx, n_active = compact_metrics(C, ya, u, self.unseen, self.linear)
-            ce = bag_cross_entropy_bits(*compact_log_q(C, self.unseen, self.tau, self.alpha, *self.log_prior), ya, u)
+            la, lsu = compact_log_q(C, self.unseen, self.tau, self.alpha, self.log_prior_a)
+            pick = (bs.unseen_rows >= s) & (bs.unseen_rows < s + len(u))
+            rows, ids = bs.unseen_rows[pick] - s, bs.unseen_ids[pick]
+            lq_u = torch.logaddexp(lsu[rows], math.log(self.alpha) + self.log_prior[ids])  # (M,) log q of each unseen bag id
+            unseen_lq = torch.zeros(len(u)).index_add_(0, rows, lq_u)  # (B,)
+            ce = bag_cross_entropy_bits(la, ya, unseen_lq, ya.sum(1) + u)
             out["acc"].append(acc), out["cos"].append(cos), out["ce_bits"].append(ce)
             if keep_top:
                 out["idx"].append(idx), out["n_active"].append(n_active)

@@ -91,48 +91,60 @@ def unigram_entropy_bits(token_counts: np.ndarray | torch.Tensor) -> float:
     return entropy_bits(torch.as_tensor(token_counts, dtype=torch.float64))
 
 
-def compact_log_q(C: torch.Tensor, unseen: int, tau: float, alpha: float, log_prior_a: torch.Tensor,
-                  log_prior_u: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """log q(t|E) (nats) of every vocabulary id from compact scores.
+def bag_token_distribution_of_seqs(seqs, vocab_size: int, exclude_ids=()) -> np.ndarray:
+    """(V,) distribution of T from token id lists (no dense (N, V) matrix): as ``bag_token_distribution``."""
+    ex = set(int(i) for i in exclude_ids)
+    ids, weights = [], []
+    for s in seqs:
+        bag = {int(t) for t in s if 0 <= int(t) < vocab_size and int(t) not in ex}
+        if bag:
+            ids.extend(bag)
+            weights.extend([1.0 / len(bag)] * len(bag))
+    p = np.bincount(np.asarray(ids, dtype=np.int64), weights=np.asarray(weights), minlength=vocab_size)
+    return p / max(p.sum(), 1e-12)
 
-    C: (B, A+1) scores, the last column shared by ``unseen`` ids. q = (1-alpha) softmax(tau C) + alpha prior over
-    the full vocabulary. Returns ((B, A) log q of the seen ids, (B,) log q of EACH unseen id).
+
+def smoothed_log_prior(p: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(V,) log of (1 - floor) p + floor / V: every id gets mass, so every held-out token has a finite cross-entropy."""
+    p = torch.as_tensor(p, dtype=torch.float64)
+    return torch.log((1 - PRIOR_FLOOR) * p / p.sum().clamp(min=1e-12) + PRIOR_FLOOR / p.numel()).float()
+
+
+def compact_log_q(C: torch.Tensor, unseen: int, tau: float, alpha: float, log_prior_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q(t|E) (nats) from compact scores, q = (1-alpha) softmax(tau C) + alpha prior over the full vocabulary.
+
+    C: (B, A+1) scores, the last column shared by ``unseen`` ids. Returns ((B, A) log q of the seen ids, (B,) the
+    log of the softmax part, (1-alpha) softmax, of EACH unseen id: an unseen id t has log q = logaddexp(that,
+    log(alpha) + log prior(t))).
     """
     S = tau * C.float()  # (B, A+1)
     parts = [S[:, :-1]] + ([S[:, -1:] + math.log(unseen)] if unseen else [])
     Z = torch.logsumexp(torch.cat(parts, 1), 1, keepdim=True)  # (B, 1)
     la = torch.logaddexp(math.log1p(-alpha) + S[:, :-1] - Z, math.log(alpha) + log_prior_a)  # (B, A)
-    lu = torch.logaddexp(math.log1p(-alpha) + S[:, -1] - Z[:, 0], torch.tensor(math.log(alpha) + log_prior_u))  # (B,)
-    return la, lu
+    return la, math.log1p(-alpha) + S[:, -1] - Z[:, 0]
 
 
-def bag_cross_entropy_bits(log_q_a: torch.Tensor, log_q_u: torch.Tensor, ya: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per sentence -E_T[log2 q(T|E)], T uniform over the bag. ya: (B, A) bag on seen ids, u: (B,) bag ids unseen. -> (B,)"""
-    k = ya.sum(1) + u  # (B,)
-    nll = -((log_q_a * ya).sum(1) + u * log_q_u) / k.clamp(min=1) / LN2
+def bag_cross_entropy_bits(log_q_a: torch.Tensor, ya: torch.Tensor, unseen_log_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per sentence -E_T[log2 q(T|E)], T uniform over the bag.
+
+    log_q_a, ya: (B, A) log q and bag of the seen ids; unseen_log_q: (B,) sum of log q over the bag ids never seen
+    in the decoder's training; k: (B,) bag sizes. -> (B,), NaN for an empty bag.
+    """
+    nll = -((log_q_a * ya).sum(1) + unseen_log_q) / k.clamp(min=1) / LN2
     return nll.masked_fill(k == 0, float("nan"))
 
 
-def compact_prior(train_bags_a: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, float]:
-    """log of the smoothed training bag-token distribution: ((A,) seen ids, one value for each unseen id)."""
-    k = train_bags_a.sum(1, keepdim=True).clamp(min=1)
-    p_a = (train_bags_a.float() / k).mean(0)  # (A,): the seen ids carry all training mass
-    p_a = p_a / p_a.sum().clamp(min=1e-12)
-    floor = PRIOR_FLOOR / vocab_size
-    return torch.log((1 - PRIOR_FLOOR) * p_a + floor), math.log(floor)
-
-
-def calibrate(score_chunks, unseen: int, log_prior: tuple[torch.Tensor, float]) -> tuple[float, float]:
+def calibrate(score_chunks, unseen: int, log_prior_a: torch.Tensor) -> tuple[float, float]:
     """(tau, alpha) of the grid with the lowest mean bag cross-entropy on calibration data.
 
-    ``score_chunks``: list of (C (B, A+1), ya (B, A), u (B,)) of the decoder's TRAINING sentences (never the
-    evaluation set, so q stays fixed before the evaluation set is seen and H(T) - CE stays a bound).
+    ``score_chunks``: list of (C (B, A+1), ya (B, A)) of the decoder's TRAINING sentences (never the evaluation
+    set, so q is fixed before the evaluation set is seen and H(T) - CE stays a bound; their bags hold only seen ids).
     """
     best, best_ce = (1.0, PRIOR_MIX[-1]), math.inf
     for tau in TEMPERATURES:
         for alpha in PRIOR_MIX:
-            ce = torch.cat([bag_cross_entropy_bits(*compact_log_q(C, unseen, tau, alpha, *log_prior), ya.float(), u)
-                            for C, ya, u in score_chunks])
+            ce = torch.cat([bag_cross_entropy_bits(compact_log_q(C, unseen, tau, alpha, log_prior_a)[0], ya.float(),
+                                                   torch.zeros(len(ya)), ya.float().sum(1)) for C, ya in score_chunks])
             m = float(torch.nanmean(ce))
             if m < best_ce:
                 best, best_ce = (tau, alpha), m
