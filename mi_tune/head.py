@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
@@ -57,11 +58,13 @@ class RecoverabilityHead(nn.Module):
             self.n_shared = config.vocab_size - ids.numel()
         self.decoder = nn.Linear(config.hidden_size, columns)
         self.reset_parameters()
+        self.register_buffer("grad_scale", None, persistent=False)
         if self.active_ids is not None and self.n_shared > 1:
-            scale = torch.ones(columns, 1)
+            scale = torch.ones(columns, 1)  # (C, 1); a buffer: it moves with the head, no copy to the device per backward
             scale[-1] = 1.0 / math.sqrt(self.n_shared)
-            self.decoder.weight.register_hook(lambda g, s=scale: g * s.to(g))
-            self.decoder.bias.register_hook(lambda g, s=scale.reshape(-1): g * s.to(g))
+            self.register_buffer("grad_scale", scale, persistent=False)
+            self.decoder.weight.register_hook(lambda g: g * self.grad_scale)
+            self.decoder.bias.register_hook(lambda g: g * self.grad_scale.reshape(-1))
 
     @property
     def compact(self) -> bool:
@@ -130,7 +133,12 @@ class RecoverabilityHead(nn.Module):
         self.load_full_weights(W.T, b)
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        scores = self.decoder(embedding.to(self.decoder.weight.dtype))  # (B, D) -> (B, V) or (B, |active| + 1)
+        # float32 (or wider) on purpose, also inside bf16/fp16 autocast, which would run this matmul in half precision
+        # and quantise logits near -10 to steps of ~0.06 (ties in top-k accuracy)
+        dtype = torch.promote_types(self.decoder.weight.dtype, torch.float32)
+        with torch.autocast(embedding.device.type, enabled=False):
+            W, b = self.decoder.weight.to(dtype), self.decoder.bias.to(dtype)
+            scores = F.linear(embedding.to(dtype), W, b)  # (B, D) -> (B, V) or (B, |active| + 1)
         if not self.compact:
             return scores
         # full-vocabulary logits: the shared score everywhere, the active columns at their ids. (B, V) is

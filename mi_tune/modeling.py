@@ -8,6 +8,7 @@ backbone: the vocabulary-sized LM logits are computed only when the next-token l
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -49,6 +50,20 @@ def resolve_dtype(cfg: ModelConfig) -> tuple[torch.dtype, str]:
             return torch.bfloat16, "CUDA GPU with bf16 support"
         return torch.float16, "CUDA GPU without bf16 support"
     return torch.float32, "CPU: float32 (CPU half-precision matmuls are slower and lose precision)"
+
+
+def local_device() -> torch.device:
+    """This process's device: the GPU of its local rank (LOCAL_RANK, set by torchrun and accelerate launch; 0 when
+    run plainly), or the CPU. Everything loaded here (a 4-bit model's device_map too) goes there."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    rank, n = int(os.environ.get("LOCAL_RANK") or 0), torch.cuda.device_count()
+    if rank < n:
+        return torch.device("cuda", rank)
+    if n == 1:  # each process sees only its own GPU (CUDA_VISIBLE_DEVICES set per rank)
+        return torch.device("cuda", 0)
+    raise UserError(f"LOCAL_RANK: got {rank}, but this machine has {n} GPUs (0..{n - 1}). Allowed: one process per GPU. "
+                    f"Fix: launch at most {n} processes (accelerate launch --num_processes {n}).")
 
 
 def load_config(cfg: ModelConfig):
@@ -148,7 +163,7 @@ def load_model(cfg: ModelConfig, for_training: bool = False) -> LoadedModel:
     if cfg.trust_remote_code:
         log("trust_remote_code is ON: code from the model repository will run on this machine")
     qconf = quantization_config(cfg, dtype)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device()
     kwargs = dict(revision=loc.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
     if loc.gguf_file:
         kwargs["gguf_file"] = loc.gguf_file
@@ -156,7 +171,7 @@ def load_model(cfg: ModelConfig, for_training: bool = False) -> LoadedModel:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if qconf is not None:
         kwargs["quantization_config"] = qconf
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}  # the whole model on this rank's GPU
     cls = AutoModelForCausalLM if kind == "decoder" else AutoModel
     log(f"loading {cfg.source} as {cls.__name__} ({kind}, {num_blocks_of(config)} blocks)")
     try:
@@ -253,7 +268,12 @@ def add_adapters(loaded: LoadedModel, settings: LoraSettings, gradient_checkpoin
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # the current transformers name; gradient_checkpointing_enable (all that older releases have) is now its deprecated alias
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     try:
         peft_model = get_peft_model(model, lora_config(settings, loaded.num_blocks, loaded.kind, model))

@@ -93,20 +93,42 @@ def _recipe_diff(recipe: Recipe, saved_path: Path) -> list[str]:
                   if k not in ignore and not k.startswith("tracking.") and old.get(k, defaults.get(k)) != new.get(k))
 
 
-def training_arguments(recipe: Recipe, dtype, output_dir: Path):
-    import torch
-    from transformers import TrainingArguments
+CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")  # TrainingArguments' name and its deprecated alias
 
-    values = {**TRAINING_DEFAULTS, "seed": recipe.seed, "dataloader_pin_memory": torch.cuda.is_available(),
-              "use_cpu": not torch.cuda.is_available(),  # also what makes torchrun/accelerate on CPU use DDP (gloo) "bf16": dtype == torch.bfloat16 and torch.cuda.is_available(),
+
+def checkpointing(training: dict) -> bool:
+    """Whether the recipe's `training:` block asks for activation checkpointing (either name; the new one wins, as in
+    transformers). mi_tune applies it to the base model (modeling.add_adapters), never through the Trainer."""
+    for key in CHECKPOINTING_KEYS:
+        if training.get(key) is not None:
+            return bool(training[key])
+    return False
+
+
+def training_values(recipe: Recipe, dtype, cuda: bool) -> dict:
+    """The TrainingArguments values for this recipe, compute dtype and machine (pure: testable without a GPU)."""
+    import torch
+
+    values = {**TRAINING_DEFAULTS, "seed": recipe.seed, "dataloader_pin_memory": cuda,
+              "use_cpu": not cuda,  # also what makes torchrun/accelerate on CPU use DDP (gloo)
+              "bf16": dtype == torch.bfloat16 and cuda,  # bf16 autocast for bf16 weights
               "fp16": False, **recipe.training}
-    values.pop("gradient_checkpointing", None)  # applied to the base model in modeling.add_adapters
-    values.pop("gradient_checkpointing_kwargs", None)
+    for key in CHECKPOINTING_KEYS:  # applied to the base model in modeling.add_adapters; RecoverabilityModel has no such method
+        values.pop(key, None)
+        values.pop(f"{key}_kwargs", None)
     if values.get("eval_strategy") == "no" and values.get("load_best_model_at_end"):
         values["load_best_model_at_end"] = False
     if values.get("load_best_model_at_end"):
         values.setdefault("metric_for_best_model", "eval_recoverability_acc")
         values.setdefault("greater_is_better", True)
+    return values
+
+
+def training_arguments(recipe: Recipe, dtype, output_dir: Path):
+    import torch
+    from transformers import TrainingArguments
+
+    values = training_values(recipe, dtype, torch.cuda.is_available())
     try:
         return TrainingArguments(output_dir=str(output_dir), report_to="none", remove_unused_columns=False,
                                  prediction_loss_only=True, label_names=[], **values)
@@ -217,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # ---- model ----
         set_seed(recipe.seed)
-        gc = bool(recipe.training.get("gradient_checkpointing", False))
+        gc = checkpointing(recipe.training)
         loaded = load_model(recipe.model, for_training=True)
         write_marker("startup")  # test hook (MI_TUNE_TEST_MARKERS): mi_tune and the model are loaded, no step taken
         layer = check_layer(recipe.objective.layer, loaded.num_hidden_states, recipe.model.source)

@@ -79,6 +79,20 @@ class CheckpointSaveError(UserError):
     pass
 
 
+def batch_accuracy(acc: torch.Tensor) -> torch.Tensor:
+    """Mean of per-sentence accuracies (B,) over the sentences with a bag (NaN = empty bag); 0 if none has one.
+    A 0-d tensor on acc's device, computed without a host sync."""
+    valid = ~torch.isnan(acc)  # (B,)
+    return torch.where(valid, acc, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def step_mean(values: list) -> float:
+    """Mean of the values recorded once per step (0-d tensors, or floats): one copy to the host for all of them."""
+    if isinstance(values[0], torch.Tensor):
+        values = torch.stack(values).tolist()
+    return sum(values) / len(values)
+
+
 class RecoverabilityModel(nn.Module):
     """PEFT model + linear head; forward computes the recoverability (and optional LM) loss."""
 
@@ -103,9 +117,10 @@ class RecoverabilityModel(nn.Module):
         emb = pool(hs[cfg.layer], attention_mask, cfg.pooling)  # (B, D)
         if self.recoverability_weight == 0:
             emb = emb.detach()  # LM-only control: the head still learns (for reporting) but sends no gradient back
-        logits = self.head(emb)  # (B, V)
-        targets = bag_of_tokens(input_ids, attention_mask, cfg.vocab_size, self.exclude_ids)  # (B, V)
-        rec = recoverability_loss(logits, targets, self.positive_weight)
+        with torch.autocast(emb.device.type, enabled=False):  # head and loss in float32 on purpose, also under bf16 autocast
+            logits = self.head(emb.float())  # (B, V) float32
+            targets = bag_of_tokens(input_ids, attention_mask, cfg.vocab_size, self.exclude_ids)  # (B, V)
+            rec = recoverability_loss(logits, targets, self.positive_weight)
         loss = (self.recoverability_weight or 1.0) * rec
         if lm is not None:
             loss = loss + self.lm_weight * lm
@@ -131,14 +146,12 @@ class RecoverabilityTrainer(Trainer):
         if mode == "train" and not torch.isfinite(out["loss"]):
             out["loss"] = self._nonfinite(out["loss"], model)
         with torch.no_grad():
-            acc = recoverability_accuracy(out["logits"], out["targets"])
-            acc = acc[~torch.isnan(acc)]
-            values = {"recoverability_acc": acc.mean() if acc.numel() else torch.tensor(0.0, device=acc.device),
+            values = {"recoverability_acc": batch_accuracy(recoverability_accuracy(out["logits"], out["targets"])),
                       "rec_loss": out["rec_loss"]}
             if out["lm_loss"] is not None:
                 values["lm_loss"] = out["lm_loss"]
-            for name, value in values.items():
-                self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.reshape(1)).float().mean().item())
+            for name, value in values.items():  # kept on the device: read once per logging interval (log), not per step
+                self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.reshape(1)).float().mean())
         return (out["loss"], out) if return_outputs else out["loss"]
 
     def _nonfinite(self, loss: torch.Tensor, model) -> torch.Tensor:
@@ -167,7 +180,7 @@ class RecoverabilityTrainer(Trainer):
     def log(self, logs: dict, start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         vocab = self.model.head.config.vocab_size
-        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        metrics = {k: step_mean(v) for k, v in self._metrics[mode].items() if v}
         if "recoverability_acc" in metrics:
             # the paper's estimate (uniform tokens, one guess): not a bound, named so; the check reports the bounds
             metrics["mi_fano_uniform_bits"] = fano_uniform_estimate_bits(metrics["recoverability_acc"], vocab)
