@@ -231,6 +231,23 @@ class BagSet:
                    int(k.max()) if k.numel() else 0)
 
 
+def ridge_loo_scores(dec: LinearDecoders, j: int, X_all: torch.Tensor, C: torch.Tensor, ya: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out compact scores of the first len(C) training sentences of ridge decoder ``j``.
+
+    With leverage h_i = z_i (Z^T Z + lam N I)^-1 z_i (Z: all N standardised training features), the prediction for
+    sentence i from a fit without it is b + (C_i - b - h_i (y_i - b)) / (1 - h_i) (closed form; the intercept's own
+    1/N leverage is ignored). These are honest out-of-sample scores to calibrate q(t|E) on.
+    """
+    Z = (X_all.float() - dec.mean[j]) / dec.std[j]  # (N, D)
+    n_all = Z.shape[0]
+    G = Z.T @ Z + float(dec.lam[j]) * n_all * torch.eye(Z.shape[1])  # (D, D)
+    Zc = Z[: len(C)]
+    h = (Zc * torch.linalg.solve(G, Zc.T).T).sum(1, keepdim=True).clamp(max=0.99)  # (n, 1)
+    Yc = torch.cat([ya.float(), torch.zeros(len(C), 1)], 1)  # (n, A+1): the shared column's target is 0
+    b = dec.b[j]  # (1, A+1)
+    return b + (C - b - h * (Yc - b)) / (1 - h)
+
+
 class InformationProbe:
     """Scores one decoder layer on sets and turns them into per-sentence accuracy, cosine and cross-entropy.
 
@@ -249,13 +266,16 @@ class InformationProbe:
         self.log_prior = smoothed_log_prior(prior)  # (V,)
         self.log_prior_a = self.log_prior[dec.active]  # (A,)
         n = min(CALIBRATION_SENTENCES, len(train.u))
-        chunks = [(dec.compact_scores(torch.as_tensor(X_train[s: min(s + ROW_CHUNK, n)]), j), train.ya[s: min(s + ROW_CHUNK, n)])
-                  for s in range(0, n, ROW_CHUNK)]
+        C = dec.compact_scores(torch.as_tensor(X_train[:n]), j)  # (n, A+1)
+        if linear and dec.lam is not None:  # ridge: calibrate on leave-one-out scores, not on the in-sample fit
+            C = ridge_loo_scores(dec, j, torch.as_tensor(X_train), C, train.ya[:n])
+        chunks = [(C[s: s + ROW_CHUNK], train.ya[s: min(s + ROW_CHUNK, n)]) for s in range(0, n, ROW_CHUNK)]
         self.tau, self.alpha = calibrate(chunks, self.unseen, self.log_prior_a)
 
     def per_sentence(self, X, bs: BagSet, keep_top: bool = False) -> dict:
-        """{"acc", "cos", "ce_bits"}: (N,) each; with ``keep_top`` also the top ids per sentence for BLEU/ROUGE."""
-        out = {"acc": [], "cos": [], "ce_bits": [], "idx": [], "n_active": []}
+        """{"acc", "cos", "ce_bits", "ce_prior_bits"}: (N,) each (``ce_prior_bits``: q's prior alone, i.e. without E); with
+        ``keep_top`` also the top ids per sentence for BLEU/ROUGE."""
+        out = {"acc": [], "cos": [], "ce_bits": [], "ce_prior_bits": [], "idx": [], "n_active": []}
         for s in range(0, len(bs.u), ROW_CHUNK):
             C = self.dec.compact_scores(torch.as_tensor(X[s: s + ROW_CHUNK]), self.j)  # (B, A+1)
             ya, u = bs.ya[s: s + ROW_CHUNK].float(), bs.u[s: s + ROW_CHUNK]
@@ -266,10 +286,12 @@ class InformationProbe:
             lq_u = torch.logaddexp(lsu[rows], math.log(self.alpha) + self.log_prior[ids])  # (M,) log q of each unseen bag id
             unseen_lq = torch.zeros(len(u)).index_add_(0, rows, lq_u)  # (B,)
             ce = bag_cross_entropy_bits(la, ya, unseen_lq, ya.sum(1) + u)
-            out["acc"].append(acc), out["cos"].append(cos), out["ce_bits"].append(ce)
+            prior_u = torch.zeros(len(u)).index_add_(0, rows, self.log_prior[ids])  # (B,) the prior alone: q without E
+            ce0 = bag_cross_entropy_bits(self.log_prior_a.expand_as(ya), ya, prior_u, ya.sum(1) + u)
+            out["acc"].append(acc), out["cos"].append(cos), out["ce_bits"].append(ce), out["ce_prior_bits"].append(ce0)
             if keep_top:
                 out["idx"].append(idx), out["n_active"].append(n_active)
-        res = {k: torch.cat(out[k]) for k in ("acc", "cos", "ce_bits")}
+        res = {k: torch.cat(out[k]) for k in ("acc", "cos", "ce_bits", "ce_prior_bits")}
         if keep_top:
             res["top"] = list(zip(out["idx"], out["n_active"]))
         return res
@@ -278,6 +300,8 @@ class InformationProbe:
         acc = float(torch.nanmean(per["acc"]))
         return {"recoverability_acc": acc, "cosine": float(torch.nanmean(per["cos"])),
                 **information(acc, float(torch.nanmean(per["ce_bits"])), bs.entropy_bits, self.dec.vocab_size, bs.max_bag),
+                # bits per token q(t|E) saves over its own prior: usable information of this decoder family, NOT a bound on I(T;E)
+                "ce_gain_over_prior_bits": float(torch.nanmean(per["ce_prior_bits"] - per["ce_bits"])),
                 "q_temperature": self.tau, "q_prior_mix": self.alpha}
 
 

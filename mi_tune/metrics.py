@@ -30,7 +30,7 @@ import torch
 LN2 = math.log(2.0)
 # q(t|E) = (1 - alpha) softmax(tau * scores) + alpha * prior: the grid searched on the decoder's TRAINING sentences
 TEMPERATURES = tuple(2.0 ** k for k in range(-2, 8))
-PRIOR_MIX = (0.01, 0.05, 0.2, 0.5)
+PRIOR_MIX = (0.01, 0.05, 0.2, 0.5, 0.8, 1.0)  # 1.0: q = the prior, for a decoder that does not help
 PRIOR_FLOOR = 1e-2  # prior = (1 - floor) * training bag-token frequencies + floor * uniform: every id gets mass
 CALIBRATION_SENTENCES = 256  # training sentences the (tau, alpha) grid is searched on
 
@@ -120,8 +120,9 @@ def compact_log_q(C: torch.Tensor, unseen: int, tau: float, alpha: float, log_pr
     S = tau * C.float()  # (B, A+1)
     parts = [S[:, :-1]] + ([S[:, -1:] + math.log(unseen)] if unseen else [])
     Z = torch.logsumexp(torch.cat(parts, 1), 1, keepdim=True)  # (B, 1)
-    la = torch.logaddexp(math.log1p(-alpha) + S[:, :-1] - Z, math.log(alpha) + log_prior_a)  # (B, A)
-    return la, math.log1p(-alpha) + S[:, -1] - Z[:, 0]
+    keep = math.log1p(-alpha) if alpha < 1 else -math.inf
+    la = torch.logaddexp(keep + S[:, :-1] - Z, math.log(alpha) + log_prior_a)  # (B, A)
+    return la, (math.log1p(-alpha) if alpha < 1 else -math.inf) + S[:, -1] - Z[:, 0]
 
 
 def bag_cross_entropy_bits(log_q_a: torch.Tensor, ya: torch.Tensor, unseen_log_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

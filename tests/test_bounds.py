@@ -126,3 +126,23 @@ def test_paired_bootstrap_interval():
     assert two.estimate == pytest.approx(0.02) and two.excludes_zero
     with pytest.raises(ValueError, match="same items"):
         paired_mean_difference(before[:3], before[:4])
+
+
+def test_ridge_leave_one_out_scores_equal_a_refit_without_the_sentence():
+    from mi_tune.decoders import compact_bags, ridge_loo_scores
+
+    g = torch.Generator().manual_seed(0)
+    N, D, V = 60, 5, 12
+    X = torch.randn(N, D, generator=g)
+    Y = (torch.rand(N, V, generator=g) < 0.3).float()
+    Y[:, -1] = 0  # one id never seen: the shared column
+    dec = fit_ridge(X[None], Y, 0.05)
+    C = dec.compact_scores(X[:4], 0)
+    loo = ridge_loo_scores(dec, 0, X, C, compact_bags(Y, dec.active)[0][:4])
+    for i in range(4):  # refit on the other 59 sentences with the same standardisation and penalty (lam * N)
+        keep = torch.arange(N) != i
+        Z = (X - dec.mean[0]) / dec.std[0]
+        Yc = torch.cat([Y[:, dec.active], torch.zeros(N, 1)], 1)
+        ybar = dec.b[0]  # the full fit's intercept, as the closed form assumes
+        W = torch.linalg.solve(Z[keep].T @ Z[keep] + float(dec.lam[0]) * N * torch.eye(D), Z[keep].T @ (Yc[keep] - ybar))
+        torch.testing.assert_close(loo[i], (Z[i] @ W + ybar)[0], rtol=1e-4, atol=1e-4)

@@ -71,7 +71,7 @@ def test_short_real_training_run(tmp_path):
     assert m["train"]["train_loss"] > 0 and "eval_recoverability_acc" in m["eval"]
     chk = m["heldout_check"]
     assert set(chk) == {"heldout", "setup"} and chk["setup"]["shared_documents"] == 0  # BBC articles split before cutting
-    assert {"base", "enhanced", "delta_acc", "delta_mi_variational_bits"} <= set(chk["heldout"])
+    assert {"base", "enhanced", "delta_acc", "delta_ce_gain_bits"} <= set(chk["heldout"])
 
 
 def test_short_enhancement_raises_heldout_recoverability_beyond_its_interval(tmp_path):

@@ -229,6 +229,7 @@ class TextSet:
     source: str  # resolved source string
     texts: list[str]
     info: dict
+    all_texts: list[str] = field(default_factory=list)  # every cleaned text of the source: H(T) is estimated on them
 
 
 def resolve_source(source: str, data_root: Path | None) -> str:
@@ -261,7 +262,7 @@ def read_set(spec: ProbeData, role: str, cap: int, suite: ProbeSuite, data_root:
     info = {"source": src, "text_field": spec.text_field, "requested": cap, "available": len(texts), "used": len(used)}
     if len(used) < cap:
         log(f"data: the probe asked for {cap} {role} sentences but {name!r} has {len(texts)} after filtering; using all {len(used)}")
-    return TextSet(name, role, src, used, info)
+    return TextSet(name, role, src, used, info, texts)
 
 
 # =============================================================================================
@@ -384,14 +385,18 @@ class ScoredSet:
     seqs: list[list[int]]  # token ids as fed to the model (truncated, with specials)
     sentences: list[list[int]]  # the same without special/pad ids: the "original tokens"
     bags: torch.Tensor  # (N, V) uint8 multi-hot
+    entropy_bits: float | None = None  # plug-in H(T) on every text of the set's source (None: on these sentences)
 
 
-def scored_set(name: str, role: str, seqs: list[list[int]], vocab_size: int, exclude_ids) -> ScoredSet:
+def scored_set(name: str, role: str, seqs: list[list[int]], vocab_size: int, exclude_ids, pool=None) -> ScoredSet:
+    """``pool``: token ids of every text of the source; H(T) is estimated on it (the plug-in is biased low, less on more text)."""
     from ..decoders import bags_from_ids
+    from ..metrics import bag_token_distribution_of_seqs, entropy_bits
 
     ex = set(exclude_ids)
     sentences = [[t for t in s if t not in ex and 0 <= t < vocab_size] for s in seqs]
-    return ScoredSet(name, role, seqs, sentences, bags_from_ids(seqs, vocab_size, exclude_ids).to(torch.uint8))
+    h = entropy_bits(torch.from_numpy(bag_token_distribution_of_seqs(pool, vocab_size, exclude_ids))) if pool else None
+    return ScoredSet(name, role, seqs, sentences, bags_from_ids(seqs, vocab_size, exclude_ids).to(torch.uint8), h)
 
 
 MISS = -1  # written for a top-k slot filled from the tied never-seen block: never in a sentence, so a miss
@@ -451,7 +456,7 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
         t_fit += time.perf_counter() - t
         t = time.perf_counter()
         if c0 == 0:
-            bags = {ss.name: BagSet.of(ss.bags, dec.active) for ss in sets}  # same seen ids for every chunk
+            bags = {ss.name: BagSet.of(ss.bags, dec.active, ss.entropy_bits) for ss in sets}  # same seen ids for every chunk
             prior = {ss.name: prior_per_sentence(bags[train.name].ya, bags[ss.name], vocab_size).numpy() for ss in sets}
         for j, layer in enumerate(ls):
             probe = InformationProbe(dec, j, feats[train.name][:, layer], bags[train.name], linear)
@@ -691,7 +696,8 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
             seqs = {ts.name: tokenize(h.tokenizer, ts.texts, suite.max_length) for ts in text_sets}
             truncated = {ts.name: int(sum(len(s) > suite.max_length for s in h.tokenizer(ts.texts, verbose=False)["input_ids"]))
                          for ts in text_sets}  # counted on the untruncated ids (verbose=False: no over-length warning)
-            sets = [scored_set(ts.name, ts.role, seqs[ts.name], h.vocab_size, h.exclude_ids) for ts in text_sets]
+            sets = [scored_set(ts.name, ts.role, seqs[ts.name], h.vocab_size, h.exclude_ids,
+                               tokenize(h.tokenizer, ts.all_texts, suite.max_length) if ts.role == "eval" else None) for ts in text_sets]
             log(f"{h.label}: {h.kind}, {h.num_blocks} blocks, |V| = {h.vocab_size}, {h.pooling} pooling, layers {layers[0]}..{layers[-1]} "
                 f"({len(layers)}); truncated to {suite.max_length} tokens: {truncated}")
             variants = [("base", False)] + ([("adapter", True)] if h.adapter else [])
