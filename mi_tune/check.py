@@ -10,14 +10,19 @@ mi_tune.metrics (valid bounds and the paper's estimate, named apart), and paired
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import random
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import DataConfig, Recipe
-from .errors import UserError, field_error
+from .errors import UserError, cli_main, field_error
 from .modeling import log
 
 HELDOUT = "heldout"
@@ -194,3 +199,89 @@ def print_check(check: dict) -> None:
           f"over its E-free prior (usable information of a linear decoder; not a bound). MI lower bound = max(H(T) - CE, list-Fano), "
           f"H(T) = plug-in entropy of the set's bag tokens (biased low: 0 means not resolved at this sample size). The paper's "
           f"estimate assumes H(T) = log2|V| and is not a bound.")
+
+
+def run_readme(recipe: Recipe, info: dict, final: dict) -> str:
+    """A short note in the run folder: what it is and how to load it (the Hub model card is built by mi_tune.push)."""
+    lines = [f"# {recipe.run_name}", "",
+             f"LoRA adapter (blocks 0..{info['num_blocks'] - 2}; final block {info['num_blocks'] - 1} frozen) and a bag-of-tokens head "
+             f"for `{recipe.model.source}`, trained by mi_tune to raise token recoverability of the layer-{info['layer']} "
+             f"{info['pooling']}-pooled embedding.", "",
+             "```python", "from peft import PeftModel", f"model = PeftModel.from_pretrained(base_model, {str(recipe.run_dir)!r})",
+             "# or, with the head and the right layer/pooling:", "from mi_tune.loading import load_ready",
+             f"ready = load_ready(adapter={str(recipe.run_dir)!r})", "```", ""]
+    chk = final.get("heldout_check")
+    if chk:
+        lines += ["Recoverability of the embedding (fresh decoder on frozen features of base and enhanced; "
+                  f"{chk['setup']['bootstrap']}; * = interval excludes 0):", ""] + check_table(chk) + [""]
+    return "\n".join(lines) + "\n"
+
+
+def recheck(run_dir: str | Path, verbose: bool = True) -> dict:
+    """Recompute a finished run's held-out check with this version of mi_tune (same recipe, split, sentences and seed).
+
+    The previous check stays in metrics.json under ``heldout_check_previous`` (a list, newest last); README.md is
+    rewritten. Base features come from the feature cache when the run computed them.
+    """
+    import torch
+
+    from .config import load_recipe
+    from .data import load_corpus
+    from .embedding import tokenize
+    from .loading import load_ready
+
+    run_dir = Path(run_dir)
+    metrics_path, info_path = run_dir / "metrics.json", run_dir / "run_info.json"
+    if not metrics_path.exists() or not (run_dir / "recipe.yaml").exists():
+        raise UserError(field_error("RUN", str(run_dir), "a finished mi_tune run folder (recipe.yaml and metrics.json)",
+                                    "point at adapters/<run> of a run that finished"))
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    ood = ood_sets(recipe)
+    ready = load_ready(adapter=str(run_dir))
+    if ready.head is None:
+        raise UserError(field_error("RUN", str(run_dir), "a run folder with head/ (the layer and pooling of the check)",
+                                    "re-run the training; the check needs the run's head config"))
+    torch.manual_seed(recipe.seed)
+    tok = ready.tokenizer
+    exclude = set(tok.all_special_ids) | {tok.pad_token_id}
+    corpus = load_corpus(recipe.data)
+    train_seqs = tokenize(tok, corpus.train, recipe.data.max_length)
+    n = max(recipe.check.train_sentences, recipe.head.warm_start_sentences if recipe.head.init == "fit" else 0)
+    base = base_features(ready.model, tok, corpus, recipe, ready.head.config, exclude, n, ood, location=ready.loaded.location)
+    pools = {HELDOUT: train_seqs + tokenize(tok, corpus.eval, recipe.data.max_length),
+             **{o.name: tokenize(tok, o.all_texts, recipe.data.max_length) for o in ood}}
+    docs = {k: corpus.stats[k] for k in ("split_by", "train_documents", "eval_documents", "shared_documents")}
+    check = heldout_check(ready.model, tok, base, recipe, ready.head.config, exclude, pools, train_seqs, docs)
+    if verbose:
+        print_check(check)
+    final = json.loads(metrics_path.read_text())
+    if "heldout_check" in final:
+        final.setdefault("heldout_check_previous", []).append({**final["heldout_check"], "replaced_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+    final["heldout_check"] = check
+    _write(metrics_path, json.dumps(final, indent=2, default=float))
+    info = json.loads(info_path.read_text()) if info_path.exists() else {"num_blocks": ready.loaded.num_blocks}
+    info.setdefault("layer", ready.head.config.layer)
+    info.setdefault("pooling", ready.head.config.pooling)
+    _write(run_dir / "README.md", run_readme(recipe, info, final))
+    log(f"check: {metrics_path} updated (the previous check is kept under heldout_check_previous)")
+    return check
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m mi_tune.check",
+                                description="Recompute a finished run's held-out check (base vs enhanced, in and out of domain, "
+                                            "with intervals) with this version of mi_tune.")
+    p.add_argument("run", help="run folder, e.g. adapters/smollm2-135m-cpu")
+    a = p.parse_args(argv)
+    return recheck(a.run)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

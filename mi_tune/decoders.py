@@ -251,9 +251,10 @@ def ridge_loo_scores(dec: LinearDecoders, j: int, X_all: torch.Tensor, C: torch.
 class InformationProbe:
     """Scores one decoder layer on sets and turns them into per-sentence accuracy, cosine and cross-entropy.
 
-    q(t|E) = (1 - alpha) softmax(tau * scores) + alpha * prior, the prior a smoothed bag-token distribution of training
-    text (``prior``: (V,), default: the decoder's training bags); tau and alpha are picked (metrics.calibrate) on the
-    decoder's training sentences, before any evaluation set is scored.
+    q(t|E) ∝ prior(t) exp(tau (score_t(E) - intercept_t)): the prior (a smoothed bag-token distribution of training
+    text; ``prior``: (V,), default: the decoder's training bags) tilted by what the decoder reads from E. tau (0: the
+    prior alone) is picked (metrics.calibrate) on the decoder's training sentences, leave-one-out for ridge, before
+    any evaluation set is scored.
     """
 
     def __init__(self, dec: LinearDecoders, j: int, X_train, train: BagSet, linear: bool, prior: np.ndarray | None = None):
@@ -265,12 +266,15 @@ class InformationProbe:
             prior[dec.active] = (train.ya.float() / k).mean(0).double()
         self.log_prior = smoothed_log_prior(prior)  # (V,)
         self.log_prior_a = self.log_prior[dec.active]  # (A,)
+        mass_u = 1.0 - float(self.log_prior_a.double().exp().sum())  # prior mass of every id never seen in training
+        self.log_mass_u = math.log(mass_u) if mass_u > 0 and self.unseen else -math.inf
+        self.b = dec.b[j]  # (1, A+1) the decoder's E-free scores
         n = min(CALIBRATION_SENTENCES, len(train.u))
         C = dec.compact_scores(torch.as_tensor(X_train[:n]), j)  # (n, A+1)
         if linear and dec.lam is not None:  # ridge: calibrate on leave-one-out scores, not on the in-sample fit
             C = ridge_loo_scores(dec, j, torch.as_tensor(X_train), C, train.ya[:n])
         chunks = [(C[s: s + ROW_CHUNK], train.ya[s: min(s + ROW_CHUNK, n)]) for s in range(0, n, ROW_CHUNK)]
-        self.tau, self.alpha = calibrate(chunks, self.unseen, self.log_prior_a)
+        self.tau = calibrate(chunks, self.b, self.log_prior_a, self.log_mass_u)
 
     def per_sentence(self, X, bs: BagSet, keep_top: bool = False) -> dict:
         """{"acc", "cos", "ce_bits", "ce_prior_bits"}: (N,) each (``ce_prior_bits``: q's prior alone, i.e. without E); with
@@ -280,14 +284,12 @@ class InformationProbe:
             C = self.dec.compact_scores(torch.as_tensor(X[s: s + ROW_CHUNK]), self.j)  # (B, A+1)
             ya, u = bs.ya[s: s + ROW_CHUNK].float(), bs.u[s: s + ROW_CHUNK]
             acc, cos, idx, n_active = compact_metrics(C, ya, u, self.unseen, self.linear)
-            la, lsu = compact_log_q(C, self.unseen, self.tau, self.alpha, self.log_prior_a)
+            la, tilt_u = compact_log_q(C, self.b, self.tau, self.log_prior_a, self.log_mass_u)
             pick = (bs.unseen_rows >= s) & (bs.unseen_rows < s + len(u))
             rows, ids = bs.unseen_rows[pick] - s, bs.unseen_ids[pick]
-            lq_u = torch.logaddexp(lsu[rows], math.log(self.alpha) + self.log_prior[ids])  # (M,) log q of each unseen bag id
-            unseen_lq = torch.zeros(len(u)).index_add_(0, rows, lq_u)  # (B,)
-            ce = bag_cross_entropy_bits(la, ya, unseen_lq, ya.sum(1) + u)
-            prior_u = torch.zeros(len(u)).index_add_(0, rows, self.log_prior[ids])  # (B,) the prior alone: q without E
-            ce0 = bag_cross_entropy_bits(self.log_prior_a.expand_as(ya), ya, prior_u, ya.sum(1) + u)
+            prior_u = torch.zeros(len(u)).index_add_(0, rows, self.log_prior[ids])  # (B,) sum of log prior of the unseen bag ids
+            ce = bag_cross_entropy_bits(la, ya, prior_u + u * tilt_u, ya.sum(1) + u)
+            ce0 = bag_cross_entropy_bits(self.log_prior_a.expand_as(ya), ya, prior_u, ya.sum(1) + u)  # the prior alone: q without E
             out["acc"].append(acc), out["cos"].append(cos), out["ce_bits"].append(ce), out["ce_prior_bits"].append(ce0)
             if keep_top:
                 out["idx"].append(idx), out["n_active"].append(n_active)
@@ -302,7 +304,7 @@ class InformationProbe:
                 **information(acc, float(torch.nanmean(per["ce_bits"])), bs.entropy_bits, self.dec.vocab_size, bs.max_bag),
                 # bits per token q(t|E) saves over its own prior: usable information of this decoder family, NOT a bound on I(T;E)
                 "ce_gain_over_prior_bits": float(torch.nanmean(per["ce_prior_bits"] - per["ce_bits"])),
-                "q_temperature": self.tau, "q_prior_mix": self.alpha}
+                "q_tilt": self.tau}
 
 
 def prior_per_sentence(train_ya: torch.Tensor, bs: BagSet, vocab_size: int) -> torch.Tensor:

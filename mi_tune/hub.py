@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .errors import UserError
-from .modeling import log
+from .errors import UserError, log
+from .redaction import redact
 
 CARD_NAME = "README.md"
 # The adapter is not a finished run without these (the card and the loader need them).
@@ -94,8 +94,6 @@ class PushResult:
 
 def scrub(text: str, token: str | None = None) -> str:
     """Remove secrets from text that leaves the machine: env secrets, the token, passwords in URLs."""
-    from .tracking import redact
-
     text = redact(text)
     if token and len(token) >= 4:
         text = text.replace(token, "***")
@@ -388,7 +386,7 @@ def build_card(run_dir: Path, repo_id: str, sources: dict[str, Path], base_model
          f"A LoRA adapter for `{base_id or source}` trained with mi_tune to raise **token recoverability**: "
          f"how much of a sentence a linear decoder can read back from the model's sentence embedding (layer {layer} of the "
          f"hidden states, {pooling} pooling). No task labels are used: the adapter is trained on unlabeled text so that the "
-         f"embedding keeps more of its input, measured as mutual information through a Fano lower bound.", "",
+         f"embedding keeps more of its input, measured on held-out text against a no-feature baseline, with paired bootstrap intervals.", "",
          f"- Adapters sit on blocks {adapted}; the final block {final} stays frozen.",
          "- `head/` holds the bag-of-tokens decoder trained with it; its config records the base model, layer and pooling.",
          "- `recipe.yaml` is the full resolved recipe; `metrics.json` the final metrics.", ""]

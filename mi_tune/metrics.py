@@ -28,11 +28,10 @@ import numpy as np
 import torch
 
 LN2 = math.log(2.0)
-# q(t|E) = (1 - alpha) softmax(tau * scores) + alpha * prior: the grid searched on the decoder's TRAINING sentences
-TEMPERATURES = tuple(2.0 ** k for k in range(-2, 8))
-PRIOR_MIX = (0.01, 0.05, 0.2, 0.5, 0.8, 1.0)  # 1.0: q = the prior, for a decoder that does not help
+# q(t|E) ∝ prior(t) exp(tau (score_t(E) - intercept_t)): tau searched on the decoder's TRAINING sentences (0 = the prior)
+TEMPERATURES = (0.0,) + tuple(2.0 ** (k / 2) for k in range(-4, 17))
 PRIOR_FLOOR = 1e-2  # prior = (1 - floor) * training bag-token frequencies + floor * uniform: every id gets mass
-CALIBRATION_SENTENCES = 256  # training sentences the (tau, alpha) grid is searched on
+CALIBRATION_SENTENCES = 256  # training sentences the tilt tau is chosen on
 
 
 def binary_entropy_bits(p: float) -> float:
@@ -110,19 +109,18 @@ def smoothed_log_prior(p: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.log((1 - PRIOR_FLOOR) * p / p.sum().clamp(min=1e-12) + PRIOR_FLOOR / p.numel()).float()
 
 
-def compact_log_q(C: torch.Tensor, unseen: int, tau: float, alpha: float, log_prior_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log q(t|E) (nats) from compact scores, q = (1-alpha) softmax(tau C) + alpha prior over the full vocabulary.
+def compact_log_q(C: torch.Tensor, b: torch.Tensor, tau: float, log_prior_a: torch.Tensor, log_mass_u: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q(t|E) (nats) of the prior tilted by the decoder: q(t|E) ∝ prior(t) exp(tau (score_t(E) - b_t)).
 
-    C: (B, A+1) scores, the last column shared by ``unseen`` ids. Returns ((B, A) log q of the seen ids, (B,) the
-    log of the softmax part, (1-alpha) softmax, of EACH unseen id: an unseen id t has log q = logaddexp(that,
-    log(alpha) + log prior(t))).
+    C: (B, A+1) compact scores (last column shared by the ids never seen in training), b: (1, A+1) the decoder's
+    intercepts (its E-free scores), log_prior_a: (A,) log prior of the seen ids, log_mass_u: log of the prior mass
+    of all unseen ids together. tau = 0 gives the prior itself. Returns ((B, A) log q of the seen ids, (B,) the tilt
+    of every unseen id: log q(t) = log prior(t) + that).
     """
-    S = tau * C.float()  # (B, A+1)
-    parts = [S[:, :-1]] + ([S[:, -1:] + math.log(unseen)] if unseen else [])
+    T = tau * (C.float() - b)  # (B, A+1)
+    parts = [log_prior_a + T[:, :-1]] + ([log_mass_u + T[:, -1:]] if math.isfinite(log_mass_u) else [])
     Z = torch.logsumexp(torch.cat(parts, 1), 1, keepdim=True)  # (B, 1)
-    keep = math.log1p(-alpha) if alpha < 1 else -math.inf
-    la = torch.logaddexp(keep + S[:, :-1] - Z, math.log(alpha) + log_prior_a)  # (B, A)
-    return la, (math.log1p(-alpha) if alpha < 1 else -math.inf) + S[:, -1] - Z[:, 0]
+    return log_prior_a + T[:, :-1] - Z, T[:, -1] - Z[:, 0]
 
 
 def bag_cross_entropy_bits(log_q_a: torch.Tensor, ya: torch.Tensor, unseen_log_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -135,20 +133,19 @@ def bag_cross_entropy_bits(log_q_a: torch.Tensor, ya: torch.Tensor, unseen_log_q
     return nll.masked_fill(k == 0, float("nan"))
 
 
-def calibrate(score_chunks, unseen: int, log_prior_a: torch.Tensor) -> tuple[float, float]:
-    """(tau, alpha) of the grid with the lowest mean bag cross-entropy on calibration data.
+def calibrate(score_chunks, b: torch.Tensor, log_prior_a: torch.Tensor, log_mass_u: float) -> float:
+    """The tilt tau of the grid (0 included: the prior alone) with the lowest mean bag cross-entropy on calibration data.
 
-    ``score_chunks``: list of (C (B, A+1), ya (B, A)) of the decoder's TRAINING sentences (never the evaluation
-    set, so q is fixed before the evaluation set is seen and H(T) - CE stays a bound; their bags hold only seen ids).
+    ``score_chunks``: list of (C (B, A+1), ya (B, A)) of the decoder's TRAINING sentences, leave-one-out scores for
+    ridge (never the evaluation set, so q is fixed before the evaluation set is seen and H(T) - CE stays a bound).
     """
-    best, best_ce = (1.0, PRIOR_MIX[-1]), math.inf
+    best, best_ce = 0.0, math.inf
     for tau in TEMPERATURES:
-        for alpha in PRIOR_MIX:
-            ce = torch.cat([bag_cross_entropy_bits(compact_log_q(C, unseen, tau, alpha, log_prior_a)[0], ya.float(),
-                                                   torch.zeros(len(ya)), ya.float().sum(1)) for C, ya in score_chunks])
-            m = float(torch.nanmean(ce))
-            if m < best_ce:
-                best, best_ce = (tau, alpha), m
+        ce = torch.cat([bag_cross_entropy_bits(compact_log_q(C, b, tau, log_prior_a, log_mass_u)[0], ya.float(),
+                                               torch.zeros(len(ya)), ya.float().sum(1)) for C, ya in score_chunks])
+        m = float(torch.nanmean(ce))
+        if m < best_ce:
+            best, best_ce = tau, m
     return best
 
 

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from .config import Recipe, dump_recipe, flatten, load_recipe
-from .errors import UserError, cli_main
-from .modeling import log
+from .errors import UserError, cli_main, log
 
 # TrainingArguments defaults of ours; any of them can be set in the recipe's `training:` block.
 TRAINING_DEFAULTS = dict(
@@ -161,24 +160,6 @@ def corpus_token_ids(seqs, exclude: set) -> list[int]:
     return [int(t) for t in present if int(t) not in exclude]
 
 
-def run_readme(recipe: Recipe, info: dict, final: dict) -> str:
-    """A short note in the run folder: what it is and how to load it (the Hub model card is built by mi_tune.push)."""
-    lines = [f"# {recipe.run_name}", "",
-             f"LoRA adapter (blocks 0..{info['num_blocks'] - 2}; final block {info['num_blocks'] - 1} frozen) and a bag-of-tokens head "
-             f"for `{recipe.model.source}`, trained by mi_tune to raise token recoverability of the layer-{info['layer']} "
-             f"{info['pooling']}-pooled embedding.", "",
-             "```python", "from peft import PeftModel", f"model = PeftModel.from_pretrained(base_model, {str(recipe.run_dir)!r})",
-             "# or, with the head and the right layer/pooling:", "from mi_tune.loading import load_ready",
-             f"ready = load_ready(adapter={str(recipe.run_dir)!r})", "```", ""]
-    chk = final.get("heldout_check")
-    if chk:
-        from .check import check_table
-
-        lines += ["Recoverability of the embedding (fresh decoder on frozen features of base and enhanced; "
-                  f"{chk['setup']['bootstrap']}; * = interval excludes 0):", ""] + check_table(chk) + [""]
-    return "\n".join(lines) + "\n"
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mi_tune.train", description=__doc__.split("\n\n")[1])
@@ -197,12 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import set_seed
 
     from . import __version__
-    from .check import HELDOUT, base_features, flat_metrics, heldout_check, ood_sets, print_check
+    from .check import HELDOUT, base_features, flat_metrics, heldout_check, ood_sets, print_check, run_readme
     from .data import PadCollator, load_corpus, tokenize_corpus
     from .embedding import tokenize
     from .head import RecoverabilityHead
     from .modeling import add_adapters, check_layer, default_pooling, load_model
-    from .tracking import NullTracker, git_commit, start_tracking
+    from .tracking import NullTracker, ensure_params, git_commit, start_tracking
     from .trainer import (RecoverabilityModel, RecoverabilityTrainer, TrackingCallback, incomplete_checkpoints, newest_complete_checkpoint,
                           write_marker)
 
@@ -235,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     tracker = start_tracking(recipe.tracking, recipe.run_name, run_dir, tags, prev.get("run_id")) if main_proc else NullTracker()
     if tracker.run_id:
         atomic_write(run_dir / TRACKING_FILE, json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.uri}))
+        write_marker("tracking-run-created")  # test hook: the run exists, its params are not logged yet
     status = "FAILED"
     try:
         # ---- model ----
@@ -293,8 +275,8 @@ def main(argv: list[str] | None = None) -> None:
                 "data": corpus.stats, "resumed_from": str(resume) if resume else None}
         if main_proc:
             atomic_write(run_dir / INFO_FILE, json.dumps(info, indent=2))
-        if not resuming:
-            tracker.log_params({**flatten(recipe.to_dict()), **{f"resolved.{k}": v for k, v in info.items() if k != "data"}})
+        # also on resume: a launch cut before this line left its run without params (tracking.ensure_params decides)
+        ensure_params(tracker, {**flatten(recipe.to_dict()), **{f"resolved.{k}": v for k, v in info.items() if k != "data"}})
         tracker.log_artifact(run_dir / RECIPE_FILE)
         if resume:
             log(f"resuming from {resume}")

@@ -1,7 +1,8 @@
 """RecoverabilityTrainer: a transformers.Trainer with small overrides.
 
 - ``RecoverabilityModel`` bundles the PEFT model and the head; its forward is the objective.
-- ``compute_loss`` records recoverability accuracy and the Fano bound per mode; ``log`` averages them.
+- ``compute_loss`` records recoverability accuracy per mode; ``log`` averages it and adds the paper's Fano estimate
+  (``mi_fano_uniform_bits``, not a bound).
 - ``create_optimizer`` gives the head its own learning rate.
 - ``_save`` / ``_load_from_checkpoint`` / ``_load_best_model`` write and read the standard PEFT
   adapter files plus ``head/`` (safetensors only), never the frozen base weights.
@@ -45,6 +46,8 @@ def write_marker(name: str) -> None:
     folder from outside (e.g. to kill -9 the run at a known point) sees it at once. Without the variable it
     does nothing. Points mi_tune marks:
 
+    - ``tracking-run-created``: train.py, right after ``tracking_run.json`` is written (tracking on), before the
+      run's params are logged;
     - ``startup``: train.py, right after the model is loaded (before data, trainer and resume);
     - ``save-begin-<step>``: the start of checkpoint-<step>'s save, before anything of it is written;
     - ``save-paused-<step>``: only with ``MI_TUNE_TEST_PAUSE_IN_SAVE=<step>``: the save stops half-written

@@ -21,7 +21,7 @@ from mi_tune.metrics import bag_cosine, fano_uniform_estimate_bits, recoverabili
 from .conftest import MINILM, ROOT, SHARED_DATA, TINY, TINY_CORPUS, run_cli
 
 PLOTS = {"recoverability_acc.png", "cosine.png", "bleu.png", "rouge1_f.png", "rouge2_f.png", "mi_lb_bits.png", "mi_variational_lb_bits.png",
-         "mi_fano_list_lb_bits.png", "mi_fano_uniform_bits.png"}
+         "mi_fano_list_lb_bits.png", "mi_fano_uniform_bits.png", "ce_gain_over_prior_bits.png"}
 
 
 # ---- metrics against hand-made cases -----------------------------------------------------------

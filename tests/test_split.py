@@ -74,3 +74,21 @@ def test_missing_or_empty_ood_set_is_a_clear_error_and_writes_nothing(tmp_path, 
     assert proc.returncode == 2, proc.stderr[-1500:]
     assert "check.ood[0]" in proc.stderr and "Traceback" not in proc.stderr and "Fix" in proc.stderr
     assert not out.exists()  # checked before the run folder is created
+
+
+def test_recheck_recomputes_a_finished_runs_check_and_keeps_the_previous(tmp_path):
+    from mi_tune.check import recheck
+    from mi_tune.train import main as train_main
+
+    train_main([str(ROOT / "recipes" / "tiny.yaml"), f"output_root={tmp_path}", "run_name=r", "tracking.enabled=false",
+                "training.max_steps=4", "training.save_strategy=no", "training.eval_strategy=no"])
+    run = tmp_path / "r"
+    before = json.loads((run / "metrics.json").read_text())["heldout_check"]
+    again = recheck(run, verbose=False)
+    for model in ("base", "enhanced"):  # same split, sentences, features and decoder: the same numbers
+        assert again["heldout"][model]["recoverability_acc"] == pytest.approx(before["heldout"][model]["recoverability_acc"], abs=1e-6)
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["heldout_check_previous"][-1]["heldout"]["base"] == before["heldout"]["base"]
+    assert "| heldout (in-domain) | **enhanced − base** |" in (run / "README.md").read_text()
+    proc = run_cli("mi_tune.check", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and "RUN" in proc.stderr and "Traceback" not in proc.stderr

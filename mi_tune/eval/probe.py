@@ -75,10 +75,11 @@ METRICS = {  # key -> axis label (with units); order = plot and table order
     "mi_variational_lb_bits": "variational lower bound H(T) - CE (bits)",
     "mi_fano_list_lb_bits": "list-Fano lower bound, k = largest bag (bits)",
     "mi_fano_uniform_bits": "paper's estimate, H(T)=log2|V| (bits, NOT a bound)",
+    "ce_gain_over_prior_bits": "CE gain of q(t|E) over its prior (bits/token, not a bound)",
 }
 COLUMNS = ["model", "variant", "kind", "pooling", "decoder", "layer", "num_blocks", "depth", "set", "role", "sentences",
-           "text_metric_sentences", "vocab_size", "token_entropy_bits", *METRICS, "cross_entropy_bits", "prior_acc", "q_temperature",
-           "q_prior_mix", "ridge_lambda", "source", "adapter"]
+           "text_metric_sentences", "vocab_size", "token_entropy_bits", *METRICS, "cross_entropy_bits", "prior_acc", "q_tilt",
+           "ridge_lambda", "source", "adapter"]
 PER_SENTENCE = ("_acc", "_prior")  # row keys holding per-sentence arrays (for the intervals); not written to the tables
 
 
@@ -599,13 +600,13 @@ def plot_metrics(out_dir: Path, rows: list[dict], set_names: list[str], title: s
 
 
 def plot_adapter(out_dir: Path, rows: list[dict], model: str, set_names: list[str]) -> Path:
-    """Before/after: base vs base + adapter on one figure (accuracy and the Fano bound), a column per set."""
+    """Before/after: base vs base + adapter on one figure (accuracy and the CE gain over the prior), a column per set."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["recoverability_acc", "mi_lb_bits"]
+    keys = ["recoverability_acc", "ce_gain_over_prior_bits"]
     fig, axes = plt.subplots(len(keys), len(set_names), figsize=(4.3 * len(set_names), 3.4 * len(keys)), squeeze=False)
     for r_i, key in enumerate(keys):
         for c_i, s in enumerate(set_names):
