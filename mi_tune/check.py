@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import DataConfig, Recipe
-from .errors import UserError, cli_main, field_error
-from .modeling import log
+from .errors import UserError, cli_main, field_error, log
 
 HELDOUT = "heldout"
 

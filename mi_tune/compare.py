@@ -5,7 +5,8 @@ their final metrics, sorted by the first --metric) and overlay plots written as 
 logged to a comparison run (tag mi_tune.kind=comparison, the table as its description):
 
   training_curves.png   per-step training and eval metrics of every run
-  layer_curves.png      probe_* metrics (step = layer), against normalized depth when the runs' models differ
+  layer_curves.png      recoverability accuracy (probe_*, step = layer) over normalized depth, a panel per
+                        evaluation set (at most 4), a line per run, the base model dashed
   downstream.png        downstream_* metrics as grouped bars
 
 Works on the embedded store (the default: ./mlruns.db) and on a server (--tracking-uri or
@@ -32,6 +33,8 @@ DEFAULT_METRICS = ["heldout_enhanced_recoverability_acc", "heldout_base_recovera
                    "eval_recoverability_acc", "eval_loss", "train_loss", "train_runtime"]
 CURVE_METRICS = ["loss", "recoverability_acc", "eval_loss", "eval_recoverability_acc"]
 PROBE_PREFIX, DOWNSTREAM_PREFIX = "probe_", "downstream_"
+PROBE_CURVE, PROBE_VARIANTS = "_recoverability_acc", ("base", "adapter")  # layer_curves.png: probe_[<variant>_]<set>_recoverability_acc
+MAX_LAYER_PANELS = 4  # evaluation sets drawn in layer_curves.png; the other probe metrics stay in the table and MLflow
 IGNORED_PARAMS = {"run_name", "overwrite"}  # the run name is its own column; overwrite says nothing about results
 LOWER_IS_BETTER = re.compile(r"(loss|runtime|error|perplexity)", re.I)
 MAX_METRIC_COLUMNS = 12
@@ -234,37 +237,70 @@ def plot_training_curves(client, runs: list[RunView], extra: list[str], path: Pa
     return path
 
 
-def plot_layer_curves(client, runs: list[RunView], path: Path) -> Path | None:
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+def probe_accuracy_curves(runs: list[RunView]) -> dict[str, list[tuple[RunView, str | None, str]]]:
+    """The curves of ``layer_curves.png``: recoverability accuracy by evaluation set, ``{set: [(run, variant, metric)]}``.
 
-    keys = sorted({k for r in runs for k in r.metrics if k.startswith(PROBE_PREFIX)})
-    series = {k: {r.run_id: _history(client, r, k) for r in runs if k in r.metrics} for k in keys}
-    series = {k: v for k, v in series.items() if any(len(s[0]) > 1 for s in v.values())}
+    Probe curves are metrics ``probe_<variant>_<set>_<metric>`` (variant ``base`` or ``adapter``: the probe's
+    child run) or ``probe_<set>_<metric>`` (``metrics.json``'s probe section, ``reopen_run``). Only
+    ``<metric> = recoverability_acc`` is drawn, for the MAX_LAYER_PANELS sets that most runs have; every other
+    probe metric stays in the table (``--metric``) and in MLflow.
+    """
+    panels: dict[str, list] = {}
+    for r in runs:
+        for key in sorted(r.metrics):
+            if not (key.startswith(PROBE_PREFIX) and key.endswith(PROBE_CURVE)):
+                continue
+            name = key[len(PROBE_PREFIX):len(key) - len(PROBE_CURVE)]
+            variant, _, rest = name.partition("_")
+            if variant not in PROBE_VARIANTS or not rest:
+                variant, rest = None, name
+            panels.setdefault(rest or "all", []).append((r, variant, key))
+    ranked = sorted(panels, key=lambda s: (-len({r.run_id for r, _, _ in panels[s]}), s))
+    return {s: panels[s] for s in ranked[:MAX_LAYER_PANELS]}
+
+
+def plot_layer_curves(client, runs: list[RunView], path: Path) -> Path | None:
+    """A panel per evaluation set (``probe_accuracy_curves``): recoverability accuracy over normalized depth
+    l / L (L = the run's ``resolved.num_blocks`` param, else its deepest probed layer): a solid line in its own
+    colour per run (base + adapter), the base model dashed in grey (once when runs share its curve)."""
+    import matplotlib.pyplot as plt
+
+    series = {s: [(r, v, _history(client, r, k)) for r, v, k in lines] for s, lines in probe_accuracy_curves(runs).items()}
+    series = {s: lines for s, lines in series.items() if any(len(h[0]) > 1 for _, _, h in lines)}
     if not series:
         return None
-    # Normalized depth l / L when the runs' models have different depths (the paper's x axis);
-    # L = the run's resolved.num_blocks param, else its deepest probed layer.
-    def depth(r: RunView, steps: list[int]) -> float:
-        return float(r.params.get("resolved.num_blocks") or max(steps) or 1)
-
-    depths = {depth(r, s[0]) for v in series.values() for rid, s in v.items() for r in runs if r.run_id == rid}
-    normalized = len(depths) > 1
+    color = {r.run_id: f"C{i % 10}" for i, r in enumerate(runs)}
+    grey: dict[str, str] = {}  # base model -> its shade of grey (a base is not any one run's)
     fig, axes = _grid(len(series))
-    for ax, (key, per_run) in zip(axes, series.items()):
-        for r in runs:
-            if r.run_id in per_run:
-                steps, values = per_run[r.run_id]
-                xs = [s / depth(r, steps) for s in steps] if normalized else steps
-                ax.plot(xs, values, marker="o", markersize=3, label=r.name)
-        ax.set_title(key)
-        ax.set_xlabel("normalized depth (layer / L)" if normalized else "layer (hidden_states index, 0 = embeddings)")
-        if not normalized:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax, (set_name, lines) in zip(axes, series.items()):
+        drawn = set()
+        for r, variant, (steps, values) in lines:
+            depth = float(r.params.get("resolved.num_blocks") or max(steps) or 1)
+            xs = [s / depth for s in steps]
+            if variant != "base":
+                ax.plot(xs, values, color=color[r.run_id], marker="o", markersize=3, linewidth=1.5, label=r.name)
+            elif (tuple(xs), tuple(values)) not in drawn:  # runs of one base model share its curve: draw it once
+                drawn.add((tuple(xs), tuple(values)))
+                source = r.params.get("model.source")
+                base = f"base: {Path(source.rstrip('/')).name}" if source else "base model"
+                shade = grey.setdefault(base, f"{0.2 + 0.2 * (len(grey) % 3):.1f}")
+                ax.plot(xs, values, color=shade, linestyle="--", marker="o", markersize=3, linewidth=1.5, label=base)
+        ax.set_title(set_name, fontsize=10)
+        ax.set_xlabel("normalized depth l / L  (0 = embeddings, 1 = last block)", fontsize=8.5)
+        ax.set_ylabel("recoverability accuracy", fontsize=8.5)
+        ax.set_xlim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("layer curves (probe)")
-    fig.tight_layout()
+    legend = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, h)
+    rows = (len(legend) + 3) // 4
+    width, height = fig.get_size_inches()
+    extra = 0.3 + 0.22 * rows  # inches below the panels for the legend
+    fig.set_size_inches(width, height + extra)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 4), fontsize=8, frameon=False)
+    fig.suptitle("recoverability accuracy by layer (probe): base + adapter solid, base dashed")
+    fig.tight_layout(rect=(0, extra / (height + extra), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import DataConfig
-from .errors import UserError, field_error
-from .modeling import log
+from .errors import UserError, field_error, log
 from .sources import PYPI_PREFIX, resolve_path
 
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}

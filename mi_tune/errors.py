@@ -1,9 +1,17 @@
-"""User-facing errors and the one place that turns them into exit code 2."""
+"""What the user sees: progress lines on stderr (``log``), errors, and the one place that turns them into exit code 2.
+
+No heavy imports here (no torch): any module may print or raise through it.
+"""
 
 from __future__ import annotations
 
 import functools
 import sys
+
+
+def log(msg: str) -> None:
+    """One progress line on stderr, prefixed '[mi_tune]' and flushed at once."""
+    print(f"[mi_tune] {msg}", file=sys.stderr, flush=True)
 
 
 class UserError(ValueError):

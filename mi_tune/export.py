@@ -24,8 +24,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UserError, cli_main, field_error
-from .modeling import backbone, check_layer, log
+from .errors import UserError, cli_main, field_error, log
+from .modeling import backbone, check_layer
 
 ST_POOLING = {"mean": "mean", "last": "lasttoken", "first": "cls", "max": "max", "weighted_mean": "weightedmean"}
 FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm")  # names of a norm applied after the last block

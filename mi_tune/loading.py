@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelConfig
-from .errors import UserError
+from .errors import UserError, log
 from .head import HEAD_DIR, RecoverabilityHead
-from .modeling import LoadedModel, default_pooling, load_model, log
-from .tracking import redact
+from .modeling import LoadedModel, default_pooling, load_model
+from .redaction import redact
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from .config import LoraSettings, ModelConfig
-from .errors import UserError, field_error
+from .errors import UserError, field_error, log  # log lives in errors.py (no torch); `from .modeling import log` still works
 from .sources import ModelLocation, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def log(msg: str) -> None:
-    print(f"[mi_tune] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Where runs go: the embedded store by default (``sqlite:///<cwd>/mlruns.db``, artifacts in
 ``<cwd>/mlartifacts``), or a server named by the recipe's ``tracking.tracking_uri`` or
 ``$MLFLOW_TRACKING_URI``; MLflow's own ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` /
-``MLFLOW_TRACKING_TOKEN`` apply. Secrets never reach params, tags or text artifacts (``redact``).
+``MLFLOW_TRACKING_TOKEN`` apply. Secrets never reach params, tags or text artifacts (``redaction.py``).
 
 One run per training (``train.py``): params = the flattened resolved recipe (long values whole in
 the ``recipe.yaml`` artifact), tags, per-step metrics, and these artifacts::
@@ -13,15 +13,21 @@ the ``recipe.yaml`` artifact), tags, per-step metrics, and these artifacts::
       MLmodel, requirements.txt, ...                       model version; its data is the adapter:
       data/adapter/                                        PEFT files + head/ + recipe.yaml
 
+A resumed training re-opens its run (named in ``tracking_run.json``) and logs the params the run
+lacks (``ensure_params``).
+
 Evaluations attach to the training run (or to a child of it) with ``reopen_run(run_dir)``. Layer
 curves are metrics ``probe_*`` logged with step = layer (``log_layer_curve``); downstream results are
 metrics ``downstream_*`` (``log_downstream``). ``python -m mi_tune.compare`` reads those names.
 
 Faults: an unreachable server at start is a UserError before any model loads, unless
 ``tracking.allow_fallback: true`` (then the local store is used and the run is tagged
-``mi_tune.tracking_fallback_from``). If the server goes away mid-run, every call that could not be
-sent is appended to ``<run_dir>/tracking_unsent.jsonl``, training carries on, and the end of the run
-prints how to replay them: ``python -m mi_tune.tracking sync <run_dir>/tracking_unsent.jsonl``.
+``mi_tune.tracking_fallback_from``). A run that cannot be re-opened on resume is a UserError, never a
+silent new run. If the server goes away mid-run, every call that could not be sent for that reason
+(``is_transport_error``: connection refused or reset, timeout, HTTP 5xx) is appended to
+``<run_dir>/tracking_unsent.jsonl``, training carries on, and the end of the run prints how to replay
+them: ``python -m mi_tune.tracking sync <run_dir>/tracking_unsent.jsonl``. Any other failure (a 4xx
+bad request, a bug) is raised and fails the run.
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .config import TrackingSettings
-from .errors import UserError
-from .modeling import log
+from .errors import UserError, log
+from .redaction import SECRET_KEY, redact, redact_text, strip_userinfo
 
 TRACKING_FILE, UNSENT_FILE = "tracking_run.json", "tracking_unsent.jsonl"
 MODEL_ARTIFACT = "model"  # artifact folder of the MLflow model (the registered model version's source)
@@ -48,14 +54,7 @@ MODEL_DATA = "adapter"  # inside it: data/adapter/, a plain PEFT adapter folder 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "head", "recipe.yaml", "run_info.json", "README.md")
 ADAPTER_ONLY = {"adapter_config.json", "adapter_model.safetensors", "head"}  # uploaded once, inside model/
 LOCAL_ONLY = {"checkpoints", TRACKING_FILE, UNSENT_FILE}  # bulk, or machine-specific: never uploaded
-
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_CONNECTION_STRING")
-# A param whose last name part looks like a credential (training.hub_token) is logged as "***".
-# Anchored at the end so that tokenizer / include_num_input_tokens_seen stay visible.
-SECRET_KEY = re.compile(r"(^|[._-])([a-z0-9]*_)?(token|password|passwd|secret|api_key|access_key|credentials?)$", re.I)
-URI_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
-TEXT_SUFFIXES = {".yaml", ".yml", ".json", ".jsonl", ".md", ".txt", ".csv", ".cfg", ".toml"}
+TEXT_SUFFIXES = {".yaml", ".yml", ".json", ".jsonl", ".md", ".txt", ".csv", ".cfg", ".toml"}  # checked for secrets before upload (_secret_free)
 
 # MLflow's HTTP client retries a dead server for ~4 minutes per call by default. Our tracker keeps
 # what it cannot send, so long retries would only stall training; these apply unless already set.
@@ -78,35 +77,6 @@ def resolve_uri(settings: TrackingSettings) -> str:
 
 def is_http(uri: str | None) -> bool:
     return bool(uri) and uri.startswith(("http://", "https://"))
-
-
-def strip_userinfo(uri: str) -> str:
-    """``http://user:pw@host`` -> ``http://host``: credentials belong in MLflow's env variables, not in files."""
-    return URI_USERINFO.sub(r"\1", uri) if uri else uri
-
-
-def redact(value):
-    """Replace any secret from the environment, and credentials inside URIs, in a string value."""
-    if isinstance(value, str):
-        for name in SECRET_ENV:
-            secret = os.environ.get(name)
-            if secret and len(secret) >= 4 and secret in value:
-                value = value.replace(secret, "***")
-        value = URI_USERINFO.sub(r"\1***@", value)
-    return value
-
-
-# In text files (YAML/JSON), the value of a credential-looking key, whatever the environment holds at upload time
-# (a `sync` may run in a shell without the secret set): `hub_token: hf_...` -> `hub_token: '***'`.
-YAML_SECRET = re.compile(r"(?im)^(\s*[\w.-]*(?:token|password|passwd|secret|api_key|access_key)\s*:[ \t]+)(?!(?:null|~|''|\"\")\s*$)(\S.*)$")
-JSON_SECRET = re.compile(r'(?i)("[\w.-]*(?:token|password|passwd|secret|api_key|access_key)"\s*:\s*)"[^"]*"')
-
-
-def redact_text(text: str) -> str:
-    """``redact`` plus credential-looking keys in YAML / JSON text."""
-    text = YAML_SECRET.sub(r"\1'***'", text)
-    text = JSON_SECRET.sub(r'\1"***"', text)
-    return redact(text)
 
 
 def git_commit() -> str | None:
@@ -157,6 +127,35 @@ def _health(uri: str, timeout: float) -> tuple[bool, str]:
         return True, "answered"  # the server answered (e.g. 401/404): reachable
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return False, str(getattr(exc, "reason", exc))
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """True when ``exc`` says the store could not be reached or could not answer now: a connection refused or
+    reset, a timeout, retries used up, an HTTP 5xx answer, MLflow's TEMPORARILY_UNAVAILABLE (e.g. a locked
+    database). Only these are kept for a later sync; anything else (a 4xx bad request, a bug) is raised.
+
+    MLflow (3.x) wraps a failed HTTP request as ``MlflowException("API request to ... failed with exception
+    ...")`` raised inside the handler of the ``requests`` error, so the cause is found on the exception chain;
+    a server's error answer is a ``RestException`` (or, without a JSON body, an ``MlflowException`` "API
+    request to endpoint ... failed with error code ..."), judged by its HTTP status.
+    """
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)):
+            return True
+        if isinstance(exc, requests.HTTPError):
+            return exc.response is not None and exc.response.status_code >= 500
+        if isinstance(exc, MlflowException):
+            if exc.error_code == "TEMPORARILY_UNAVAILABLE":
+                return True
+            if isinstance(exc, RestException) or str(exc.message).startswith("API request to endpoint"):
+                return exc.get_http_status_code() >= 500  # the server answered with an error
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def quiet_mlflow(uri: str) -> None:
@@ -233,8 +232,9 @@ class NullTracker:
 class MlflowTracker(NullTracker):
     """One MLflow run, written through ``MlflowClient`` (no global fluent state).
 
-    Every call becomes a record ``{"kind": ...}`` that ``_do`` sends; a record that cannot be sent is
-    appended to ``unsent_path`` and ``python -m mi_tune.tracking sync`` replays it through the same
+    Every call becomes a record ``{"kind": ...}`` that ``_do`` sends; a record that cannot be sent
+    because the store does not answer (``is_transport_error``) is appended to ``unsent_path`` (any
+    other failure is raised) and ``python -m mi_tune.tracking sync`` replays it through the same
     ``_do``. After a failure against a server, /health is asked at most every OFFLINE_RETRY_S seconds
     and records go straight to the file in between, so a dead server costs training almost nothing.
     """
@@ -252,20 +252,32 @@ class MlflowTracker(NullTracker):
         self.unsent_kinds: dict[str, int] = {}
         self._offline_since: float | None = None
         self._last_probe = 0.0
+        self._reopened = False  # open() re-opened an existing run (a resumed training)
 
     @classmethod
     def open(cls, uri: str, experiment: str, run_name: str, tags: dict, unsent_path: Path, run_id: str | None = None):
-        """Create the run (or re-open ``run_id`` when resuming) in ``experiment``, creating that if needed."""
+        """Create the run in ``experiment`` (creating that if needed), or re-open ``run_id`` when resuming.
+
+        A run that cannot be re-opened is a UserError, never a silent new run: the run folder's
+        ``tracking_run.json`` names it, and the rest of the training belongs to it.
+        """
         self = cls(uri, "", unsent_path)
-        exp_id = self._experiment_id(experiment)
-        tags = {k: str(redact(v)) for k, v in tags.items() if v is not None}
         if run_id is not None:
             try:
                 self.client.update_run(run_id, status="RUNNING")
-                self.run_id = run_id
-                return self
-            except Exception as exc:  # the run lives in another store (the URI changed): start a new one
-                log(f"tracking: could not re-open run {run_id} at {self.uri} ({type(exc).__name__}); starting a new run")
+            except Exception as exc:
+                why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                record = self.unsent_path.parent / TRACKING_FILE
+                raise UserError(f"tracking: resuming, but MLflow run {run_id} (named in {record}) could not be re-opened at "
+                                f"{self.uri} ({redact(why)}). Allowed: the store that holds that run, answering. Fix: point "
+                                f"tracking.tracking_uri / MLFLOW_TRACKING_URI at the store the run was started in, resume untracked "
+                                f"with tracking.enabled=false, or delete {record} to log the rest of this training to a new MLflow "
+                                f"run.") from None
+            self.run_id = run_id
+            self._reopened = True
+            return self
+        exp_id = self._experiment_id(experiment)
+        tags = {k: str(redact(v)) for k, v in tags.items() if v is not None}
         self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         return self
 
@@ -298,7 +310,10 @@ class MlflowTracker(NullTracker):
         try:
             self._do(record)
             return True
-        except Exception as exc:  # the server went away (or the store failed): keep going, keep the data
+        except Exception as exc:
+            if not is_transport_error(exc):  # a bad request or a bug: fail loudly, never park it in the unsent file
+                raise
+            # the server went away (or the store is busy): keep going, keep the data
             if is_http(self._uri):
                 self._offline_since, self._last_probe = time.time(), time.monotonic()
             self._keep(record, exc)
@@ -450,8 +465,9 @@ def start_tracking(settings: TrackingSettings, run_name: str, run_dir: Path, tag
     except UserError:
         if not settings.allow_fallback:
             raise
+        resumed = f"; run {run_id} stays there and this launch logs to a new run" if run_id else ""
         log(f"tracking: {strip_userinfo(uri)} unreachable; tracking.allow_fallback is true, so the run goes to the local store "
-            f"{default_uri()} (tagged mi_tune.tracking_fallback_from)")
+            f"{default_uri()} (tagged mi_tune.tracking_fallback_from){resumed}")
         tags = {**tags, "mi_tune.tracking_fallback_from": strip_userinfo(uri)}
         uri, run_id = default_uri(), None
     quiet_mlflow(uri)
@@ -464,8 +480,33 @@ def start_tracking(settings: TrackingSettings, run_name: str, run_dir: Path, tag
         raise UserError(f"tracking: could not open a run in experiment {settings.experiment!r} at {strip_userinfo(uri)} ({first}). "
                         f"Allowed: a store that accepts runs. Fix: check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / "
                         f"MLFLOW_TRACKING_TOKEN and tracking.tracking_uri, or set tracking.enabled: false.") from None
-    log(f"tracking: MLflow run {tracker.run_id} at {tracker.uri} (experiment {settings.experiment!r})")
+    log(f"tracking: MLflow run {tracker.run_id} at {tracker.uri} ({'re-opened to resume, ' if run_id else ''}experiment {settings.experiment!r})")
     return tracker
+
+
+def ensure_params(tracker, params: dict) -> None:
+    """Log ``params`` on a new run; on a re-opened run, log those it does not have yet.
+
+    A training cut between creating its run (``tracking_run.json`` written) and logging its params
+    left a run without them: the resumed launch logs them then. Params a run already holds are not
+    sent again (MLflow refuses a param whose value changes, and ``tracking.*`` may differ on resume).
+    """
+    if not isinstance(tracker, MlflowTracker):
+        return
+    have: set = set()
+    if tracker._reopened and tracker._offline_since is None:
+        try:
+            have = set(tracker.client.get_run(tracker.run_id).data.params)
+        except Exception as exc:
+            if not is_transport_error(exc):
+                raise
+            # the store does not answer: log them all; they wait in the unsent file like any other record
+    missing = {k: v for k, v in params.items() if k not in have}
+    if tracker._reopened and missing:
+        log(f"tracking: run {tracker.run_id} lacks {len(missing)} of its {len(params)} params (an earlier launch stopped before "
+            f"logging them); logging them now")
+    if missing:
+        tracker.log_params(missing)
 
 
 def reopen_run(run_dir, child: str | None = None, tags: dict | None = None):
@@ -500,7 +541,7 @@ def reopen_run(run_dir, child: str | None = None, tags: dict | None = None):
     try:
         run = parent.client.get_run(run_id)
     except Exception as exc:
-        if is_http(uri):  # server down: keep everything for a later sync, into the right run
+        if is_http(uri) and is_transport_error(exc):  # server down: keep everything for a later sync, into the right run
             log(f"tracking: {parent.uri} does not answer ({type(exc).__name__}); results are kept in {parent.unsent_path}")
             parent._offline_since, parent._last_probe = time.time(), time.monotonic()
             return parent

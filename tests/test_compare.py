@@ -3,6 +3,7 @@ params, final metrics, sort order), child runs folded into their parent, the PNG
 comparison run, and clear errors. Runs are logged with the tracker directly (no training: fast)."""
 
 import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,20 @@ LRS = [1e-4, 3e-4, 1e-3]
 HELDOUT = [0.30, 0.35, 0.25]  # best is the middle learning rate
 EVAL_LOSS = [3.2, 3.4, 3.0]  # lowest is the last one
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PROBE_SETS = ("toy", "news_2")  # evaluation sets of the probe child runs; each also logs the probe's other metrics
+PROBE_OTHER = ("cosine", "bleu", "mi_lb_bits", "ce_gain_over_prior_bits")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _boot_server(mlflow_server_boot):
     """Start the server now, without waiting: it boots while the embedded-store tests run."""
+
+
+def probe_point(layer: int, i: int) -> dict:
+    """One layer of a probe child run: probe_<variant>_<set>_<metric>, base and base + adapter, every metric."""
+    acc = {"base": 0.2 + 0.1 * math.sin(layer), "adapter": 0.2 + 0.1 * math.sin(layer) + 0.01 * (i + 1)}
+    return {f"{v}_{s}_{m}": acc[v] + (0.05 * j if m == "recoverability_acc" else 0.5)
+            for v in acc for j, s in enumerate(PROBE_SETS) for m in ("recoverability_acc", *PROBE_OTHER)}
 
 
 def make_runs(uri: str, experiment: str, scratch: Path) -> dict[str, str]:
@@ -38,7 +48,7 @@ def make_runs(uri: str, experiment: str, scratch: Path) -> dict[str, str]:
         t.log_downstream({"sts": {"spearman": 0.5 + 0.01 * i}, "clustering": {"nmi": 0.1 + 0.02 * i}})
         t.end()
         child = MlflowTracker.open(uri, experiment, "probe", {"mlflow.parentRunId": t.run_id}, scratch / "unsent.jsonl")
-        child.log_layer_curve({layer: {"toy_recoverability_acc": 0.2 + 0.1 * math.sin(layer) + 0.01 * i} for layer in range(4)})
+        child.log_layer_curve({layer: probe_point(layer, i) for layer in range(4)})  # as eval/probe.py names them
         child.end()
         names[name] = t.run_id
     return names
@@ -64,6 +74,12 @@ def _rows(stdout: str) -> list[list[str]]:
     return [header, *rows]
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
 def _client(uri):
     from mlflow.tracking import MlflowClient
 
@@ -86,6 +102,10 @@ def test_compare_embedded_store(store, tmp_path, capsys):
     for name in ("training_curves.png", "layer_curves.png", "downstream.png"):
         data = (tmp_path / "out" / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000, name
+    # layer curves: recoverability accuracy only, one panel per evaluation set side by side (2 here), not a panel per
+    # logged probe metric (20 here, 10 rows of panels: 4,400 pixels high)
+    width, height = png_size(tmp_path / "out" / "layer_curves.png")
+    assert width <= 1500 and height <= 700, (width, height)
     assert (tmp_path / "out" / "table.csv").read_text().splitlines()[0].startswith("run,run_id,status,training.learning_rate")
 
     # the comparison is logged as its own run, with the plots and the table as its description
@@ -100,16 +120,16 @@ def test_compare_embedded_store(store, tmp_path, capsys):
 
     # a second comparison ignores the first; a loss sorts lowest first; a probe metric comes from the child run
     compare_main(["--experiment", "lr-sweep", "--tracking-uri", uri, "--out", str(tmp_path / "out2"), "--no-log",
-                  "--metric", "eval_loss", "probe_toy_recoverability_acc"])
+                  "--metric", "eval_loss", "probe_adapter_toy_recoverability_acc"])
     out = capsys.readouterr().out
     header, *rows = _rows(out)
     assert "sorted by eval_loss (lower is better)" in out
     assert [r[1] for r in rows] == ["lr0.001", "lr0.0001", "lr0.0003"]
-    probe, loss = header.index("probe_toy_recoverability_acc"), header.index("eval_loss")
+    probe, loss = header.index("probe_adapter_toy_recoverability_acc"), header.index("eval_loss")
     order = [2, 0, 1]  # make_runs' index of each row
     assert [float(r[loss]) for r in rows] == [EVAL_LOSS[i] for i in order]  # the value at the last step (6)
     # the child's latest value = its last layer (step 3), as the 4-significant-digit table shows it
-    assert [float(r[probe]) for r in rows] == [float(f"{0.2 + 0.1 * math.sin(3) + 0.01 * i:.4g}") for i in order]
+    assert [float(r[probe]) for r in rows] == [float(f"{probe_point(3, i)['adapter_toy_recoverability_acc']:.4g}") for i in order]
     assert len(client.search_runs([exp.experiment_id], filter_string="tags.`mi_tune.kind` = 'comparison'")) == 1
 
 
@@ -161,3 +181,19 @@ def test_differing_params_ignore_runs_that_logged_none():
     runs = [view("a", {"lr": "1e-4", "r": "4", "run_name": "a"}), view("b", {"lr": "0.0001", "r": "8", "run_name": "b"}),
             view("c", {"lr": "3e-4", "r": "8", "head.init": "fit"}), view("died-early", {})]
     assert differing_params(runs) == ["head.init", "lr", "r"]  # 1e-4 == 0.0001; run_name is its own column
+
+
+def test_layer_curves_are_recoverability_per_evaluation_set_at_most_four_panels():
+    from mi_tune.compare import MAX_LAYER_PANELS, RunView, probe_accuracy_curves
+
+    def view(name, sets):
+        metrics = {f"probe_{v}_{s}_{m}": 0.5 for s in sets for v in ("base", "adapter") for m in ("recoverability_acc", "cosine", "mi_lb_bits")}
+        metrics |= {"probe_ag_news_recoverability_acc": 0.4, "eval_recoverability_acc": 0.3}  # a curve without variant; not a probe
+        return RunView(name, name, "FINISHED", "0", {}, metrics)
+
+    runs = [view("a", ["s1", "s2", "s3_x", "s4", "s5", "s6"]), view("b", ["s5", "s6"])]
+    panels = probe_accuracy_curves(runs)
+    assert MAX_LAYER_PANELS == 4 and list(panels) == ["ag_news", "s5", "s6", "s1"]  # the sets most runs have first
+    assert {(r.name, v, k) for r, v, k in panels["s5"]} == {(n, v, f"probe_{v}_s5_recoverability_acc") for n in "ab" for v in ("base", "adapter")}
+    assert {(r.name, v) for r, v, _ in panels["ag_news"]} == {("a", None), ("b", None)}
+    assert {v for _, v, _ in probe_accuracy_curves([view("c", ["s3_x"])])["s3_x"]} == {"base", "adapter"}  # a set name with "_"

@@ -32,8 +32,8 @@ from typing import Literal, Optional
 import numpy as np
 
 from ..config import _build
-from ..errors import UserError, cli_main, field_error
-from ..modeling import check_layer, log
+from ..errors import UserError, cli_main, field_error, log
+from ..modeling import check_layer
 from ..stats import LEVEL, RESAMPLES, Interval, across_seeds
 from .tasks import ITEMS_KEY, TaskSpec, check_spec, classification, clustering, retrieval, sts
 

@@ -59,8 +59,7 @@ import torch
 
 from ..decoders import ROW_CHUNK
 from ..config import ModelConfig, Pooling, TrackingSettings, _build, flatten, merge, parse_overrides
-from ..errors import UserError, field_error
-from ..modeling import log
+from ..errors import UserError, field_error, log
 
 FEATURES_VERSION = "probe-features-v1"  # bump when the feature computation changes (invalidates the cache)
 DECODER_MEMORY = 1.0e9  # bytes of decoder weights (+ Adam state for BCE) fitted at once; sets the layer chunk
