@@ -147,6 +147,9 @@ def heldout_check(model, tokenizer, base: dict, recipe: Recipe, head_cfg, exclud
         results[name]["delta_ce_gain_bits"] = paired_mean_difference(-e["ce_bits"], -b["ce_bits"], s.bootstrap_resamples,
                                                                             recipe.seed).to_dict()
         results[name]["sentences"] = int(len(b["acc"]))
+        # per sentence, same order in every run of this recipe: what a paired comparison of two runs (adapter vs control) needs
+        results[name]["per_sentence"] = {m: {k: [round(float(v), 6) for v in per[m, name][k]] for k in ("acc", "ce_bits")}
+                                          for m in ("base", "enhanced")}
     results["setup"] = {"decoder": s.decoder, "train_sentences": n_tr, "layer": head_cfg.layer, "pooling": head_cfg.pooling,
                         "entropy_sentences": {name: len(seqs) for name, seqs in (pools or {}).items()},
                         "prior_sentences": len(prior_seqs) if prior_seqs else n_tr,
@@ -272,13 +275,52 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def compare_checks(run_a: str | Path, run_b: str | Path, resamples: int = 2000, seed: int = 0) -> dict:
+    """Enhanced model of run A - enhanced model of run B on every set both checks scored, paired over the same sentences
+    (e.g. an adapter vs its LM-only control, or two seeds). Refuses checks that did not score the same sentences."""
+    from .stats import paired_mean_difference
+
+    checks = []
+    for run in (run_a, run_b):
+        path = Path(run) / "metrics.json"
+        chk = json.loads(path.read_text()).get("heldout_check") if path.exists() else None
+        if not chk or "per_sentence" not in chk.get(HELDOUT, {}):
+            raise UserError(field_error("--against", str(run), "a finished run whose check stored per-sentence scores",
+                                        f"run `python -m mi_tune.check {run}` first"))
+        checks.append(chk)
+    a, b = checks
+    keys = ("train_sentences", "layer", "pooling", "decoder", "sets")
+    if any(a["setup"].get(k) != b["setup"].get(k) for k in keys) or any(a[s]["sentences"] != b[s]["sentences"] for s in a["setup"]["sets"]):
+        raise UserError(f"--against: {run_a} and {run_b} did not score the same sentences the same way (setup differs in "
+                        f"{[k for k in keys if a['setup'].get(k) != b['setup'].get(k)]}). Allowed: two runs of one recipe that differ "
+                        f"only in training (seed, objective). Fix: compare runs of the same recipe and check settings.")
+    out = {}
+    for name in a["setup"]["sets"]:
+        pa, pb = a[name]["per_sentence"], b[name]["per_sentence"]
+        if pa["base"]["acc"] != pb["base"]["acc"]:
+            raise UserError(f"--against: the base rows of {name!r} differ between the runs, so they were not scored on the same "
+                            f"sentences. Fix: compare runs of the same recipe (data, split and check settings).")
+        out[name] = {"delta_acc": paired_mean_difference(pa["enhanced"]["acc"], pb["enhanced"]["acc"], resamples, seed).to_dict(),
+                     "delta_ce_gain_bits": paired_mean_difference([-x for x in pa["enhanced"]["ce_bits"]],
+                                                                  [-x for x in pb["enhanced"]["ce_bits"]], resamples, seed).to_dict()}
+    return out
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m mi_tune.check",
                                 description="Recompute a finished run's held-out check (base vs enhanced, in and out of domain, "
                                             "with intervals) with this version of mi_tune.")
     p.add_argument("run", help="run folder, e.g. adapters/smollm2-135m-cpu")
+    p.add_argument("--against", default=None, help="another run of the same recipe (e.g. the LM-only control): print the paired "
+                                                    "difference of the two enhanced models instead of recomputing")
     a = p.parse_args(argv)
+    if a.against:
+        out = compare_checks(a.run, a.against)
+        print(f"\n{a.run} − {a.against} (enhanced models, same sentences; paired bootstrap 95% interval, * = excludes 0)")
+        for name, d in out.items():
+            print(f"  {name:<24} accuracy {_iv(d['delta_acc'])}   CE gain {_iv(d['delta_ce_gain_bits'], 3)} bits/token")
+        return out
     return recheck(a.run)
 
 

@@ -77,7 +77,7 @@ def test_missing_or_empty_ood_set_is_a_clear_error_and_writes_nothing(tmp_path, 
 
 
 def test_recheck_recomputes_a_finished_runs_check_and_keeps_the_previous(tmp_path):
-    from mi_tune.check import recheck
+    from mi_tune.check import compare_checks, recheck
     from mi_tune.train import main as train_main
 
     train_main([str(ROOT / "recipes" / "tiny.yaml"), f"output_root={tmp_path}", "run_name=r", "tracking.enabled=false",
@@ -90,5 +90,12 @@ def test_recheck_recomputes_a_finished_runs_check_and_keeps_the_previous(tmp_pat
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["heldout_check_previous"][-1]["heldout"]["base"] == before["heldout"]["base"]
     assert "| heldout (in-domain) | **enhanced − base** |" in (run / "README.md").read_text()
+    # a run against itself: the same sentences, so every paired difference is exactly 0
+    same = compare_checks(run, run)
+    assert same["heldout"]["delta_acc"]["estimate"] == 0 and same["heldout"]["delta_acc"]["high"] == 0
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.json").write_text(json.dumps({"heldout_check": before | {"heldout": {"base": {}}}}))
+    with pytest.raises(UserError, match="per-sentence"):
+        compare_checks(run, tmp_path / "old")
     proc = run_cli("mi_tune.check", str(tmp_path / "nope"))
     assert proc.returncode == 2 and "RUN" in proc.stderr and "Traceback" not in proc.stderr
