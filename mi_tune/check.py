@@ -91,6 +91,17 @@ def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_id
     return out
 
 
+def check_pools(tokenizer, corpus, train_seqs, ood: list[OodSet], max_length: int) -> tuple[dict, dict]:
+    """What the check needs beside the features: per set, the token ids H(T) is estimated on (in-domain: training +
+    held-out units, documents being i.i.d. draws; out-of-domain: every unit of the source), and the split's counts."""
+    from .embedding import tokenize
+
+    pools = {HELDOUT: train_seqs + tokenize(tokenizer, corpus.eval, max_length),
+             **{o.name: tokenize(tokenizer, o.all_texts, max_length) for o in ood}}
+    docs = {k: corpus.stats[k] for k in ("split_by", "train_documents", "eval_documents", "shared_documents")}
+    return pools, docs
+
+
 def heldout_check(model, tokenizer, base: dict, recipe: Recipe, head_cfg, exclude_ids, pools: dict | None = None,
                   prior_seqs=None, documents: dict | None = None) -> dict:
     """Base vs enhanced on every evaluation set; see the module docstring. ``base`` from ``base_features``.
@@ -250,9 +261,7 @@ def recheck(run_dir: str | Path, verbose: bool = True) -> dict:
     train_seqs = tokenize(tok, corpus.train, recipe.data.max_length)
     n = max(recipe.check.train_sentences, recipe.head.warm_start_sentences if recipe.head.init == "fit" else 0)
     base = base_features(ready.model, tok, corpus, recipe, ready.head.config, exclude, n, ood, location=ready.loaded.location)
-    pools = {HELDOUT: train_seqs + tokenize(tok, corpus.eval, recipe.data.max_length),
-             **{o.name: tokenize(tok, o.all_texts, recipe.data.max_length) for o in ood}}
-    docs = {k: corpus.stats[k] for k in ("split_by", "train_documents", "eval_documents", "shared_documents")}
+    pools, docs = check_pools(tok, corpus, train_seqs, ood, recipe.data.max_length)
     check = heldout_check(ready.model, tok, base, recipe, ready.head.config, exclude, pools, train_seqs, docs)
     if verbose:
         print_check(check)

@@ -201,7 +201,6 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         eval_docs = [len(documents) + d for d in eval_docs]  # a separate source: its own document numbers
         texts, train_docs = _shuffled(texts, train_docs, rng)
         eval_texts, eval_docs = _shuffled(eval_texts, eval_docs, rng)
-        n_train_docs, n_eval_docs = len(set(train_docs)), len(set(eval_docs))
     elif cfg.split_by == "document":
         if len(documents) < 2:
             raise UserError(field_error("data.split_by", "document", f"a source with at least 2 documents ({cfg.source} holds "
@@ -215,15 +214,14 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         texts, train_docs = _clean_units(_units(documents, order[n_eval:]), cfg.min_words, stats, "train")
         texts, train_docs = _shuffled(texts, train_docs, rng)
         eval_texts, eval_docs = _shuffled(eval_texts, eval_docs, rng)
-        n_train_docs, n_eval_docs = len(set(train_docs)), len(set(eval_docs))
     else:  # split_by: unit
         texts, docs = _clean_units(_units(documents, range(len(documents))), cfg.min_words, stats, "train")
         texts, docs = _shuffled(texts, docs, rng)
         n_eval = max(1, int(round(len(texts) * cfg.eval_fraction))) if len(texts) > 1 else 0
         eval_texts, eval_docs, texts, train_docs = texts[:n_eval], docs[:n_eval], texts[n_eval:], docs[n_eval:]
-        n_train_docs, n_eval_docs = len(set(train_docs)), len(set(eval_docs))
     # near-duplicate documents (re-published stories, boilerplate lines) still share units: a held-out unit that
     # occurs verbatim in training is dropped (counted)
+    n_train_docs, n_eval_docs = len(set(train_docs)), len(set(eval_docs))
     seen = set(texts)
     keep = [i for i, t in enumerate(eval_texts) if t not in seen]
     stats["eval_dropped_seen_in_train"] = len(eval_texts) - len(keep)

@@ -178,9 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import set_seed
 
     from . import __version__
-    from .check import HELDOUT, base_features, flat_metrics, heldout_check, ood_sets, print_check, run_readme
+    from .check import base_features, check_pools, flat_metrics, heldout_check, ood_sets, print_check, run_readme
     from .data import PadCollator, load_corpus, tokenize_corpus
-    from .embedding import tokenize
     from .head import RecoverabilityHead
     from .modeling import add_adapters, check_layer, default_pooling, load_model
     from .tracking import NullTracker, ensure_params, git_commit, start_tracking
@@ -294,11 +293,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # ---- held-out check: base vs enhanced, fresh decoders on frozen features ----
         if recipe.check.enabled:
-            docs = {k: corpus.stats[k] for k in ("split_by", "train_documents", "eval_documents", "shared_documents")}
-            # H(T) of the in-domain distribution on all its units (train + held-out: documents are i.i.d. draws), of each
-            # out-of-domain set on all of its units; q's prior from the training text
-            pools = {HELDOUT: train_ds.seqs + tokenize(tok, corpus.eval, recipe.data.max_length),
-                     **{o.name: tokenize(tok, o.all_texts, recipe.data.max_length) for o in ood}}
+            pools, docs = check_pools(tok, corpus, train_ds.seqs, ood, recipe.data.max_length)
             final["heldout_check"] = heldout_check(peft_model, tok, base, recipe, head.config, exclude, pools, train_ds.seqs, docs)
             print_check(final["heldout_check"])
             tracker.log_metrics(flat_metrics(final["heldout_check"]), step=trainer.state.global_step)

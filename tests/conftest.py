@@ -39,3 +39,28 @@ def minilm():
     from mi_tune.modeling import load_model
 
     return load_model(ModelConfig(source=MINILM))
+
+
+def kill_at_marker(cmd: list[str], cwd: Path, env: dict, markers: Path, marker: str, log_path: Path, what: str):
+    """Start ``cmd`` (its own process group, output to ``log_path``), wait for the run to write ``markers/marker``
+    (mi_tune.trainer.write_marker), then SIGKILL the group. Fails the test if the run exits or takes over 300 s first."""
+    import signal
+    import subprocess
+    import time
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (markers / marker).exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{what}: the run {'exited' if proc.poll() is not None else 'timed out'} before writing the marker "
+                            f"{marker!r}\n" + log_path.read_text()[-3000:])
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
@@ -23,7 +22,7 @@ from mi_tune.config import flatten
 from mi_tune.errors import UserError
 from mi_tune.tracking import MlflowTracker, NullTracker, ensure_params, is_transport_error
 
-from .conftest import ROOT, TINY, TINY_CORPUS
+from .conftest import ROOT, TINY, TINY_CORPUS, kill_at_marker
 from .mlflow_server import free_port
 
 TINY_RECIPE = ROOT / "recipes" / "tiny.yaml"
@@ -142,21 +141,8 @@ def test_kill_between_run_creation_and_params_then_resume_logs_them_to_the_same_
            "training.eval_strategy='no'", "training.save_strategy='no'", "check.enabled=false"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MI_TUNE_TEST_"))}
     markers = tmp_path / "markers"
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env={**env, "MI_TUNE_TEST_MARKERS": str(markers)}, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (markers / "tracking-run-created").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("the run ended or timed out before creating its MLflow run\n" + (tmp_path / "first.log").read_text()[-3000:])
-            time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc = kill_at_marker(cmd, tmp_path, {**env, "MI_TUNE_TEST_MARKERS": str(markers)}, markers, "tracking-run-created",
+                          tmp_path / "first.log", "creating its MLflow run")
     assert proc.returncode == -signal.SIGKILL
     run_id = json.loads((run_dir / "tracking_run.json").read_text())["run_id"]
     client = _client(uri)

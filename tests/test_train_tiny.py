@@ -4,9 +4,7 @@ parameters that change, overwrite protection, and exact resume after kill -9."""
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from safetensors.torch import load_file
 
 from mi_tune.train import main as train_main
 
-from .conftest import ROOT, TINY, run_cli
+from .conftest import ROOT, TINY, kill_at_marker, run_cli
 
 RUN_FILES = {"adapter_config.json", "adapter_model.safetensors", "head/config.json", "head/model.safetensors",
              "recipe.yaml", "run_info.json", "metrics.json", "README.md"}
@@ -195,21 +193,7 @@ def test_kill_9_at_five_points_then_rerun_resumes_to_the_same_result(tmp_path):
         env = {**base_env, "MI_TUNE_TEST_MARKERS": str(markers)}
         if pause:  # that save stops half-written until killed: the kill lands inside the save for sure
             env["MI_TUNE_TEST_PAUSE_IN_SAVE"] = str(step)
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 300
-            while not (markers / marker).exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"kill point {name!r}: the run {'exited' if proc.poll() is not None else 'timed out'} before "
-                                f"writing the marker {marker!r}\n" + log_path.read_text()[-3000:])
-                time.sleep(0.005)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        proc = kill_at_marker(cmd, ROOT, env, markers, marker, log_path, f"kill point {name!r}")
         # killed by our SIGKILL (not finished, not failed); the run is dead, so what it left on disk is what resume sees
         assert proc.returncode == -signal.SIGKILL, (name, proc.returncode, log_path.read_text()[-3000:])
         check(markers, log_path.read_text(), step)
