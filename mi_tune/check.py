@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -21,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from .card import run_readme
+from .check_report import HELDOUT, check_table, fmt_interval
 from .config import DataConfig, Recipe
 from .errors import UserError, cli_main, field_error, log
-
-HELDOUT = "heldout"
+from .runs import METRICS_FILE, README_FILE, RECIPE_FILE, atomic_write
 
 
 @dataclass
@@ -181,26 +181,6 @@ def flat_metrics(check: dict) -> dict:
     return out
 
 
-def _iv(d: dict, digits: int = 4) -> str:
-    s = f"{d['estimate']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
-    return s + ("*" if d["excludes_zero"] else "")
-
-
-def check_table(check: dict) -> list[str]:
-    """Markdown rows: one per (set, model), then the change with its interval. Shared by the console, run README and card."""
-    rows = ["| set | model | prior acc | accuracy | accuracy gain over prior [95% CI] | CE gain over prior, bits/token [95% CI] "
-            "| MI lower bound (bits) | paper's estimate (bits, not a bound) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for name in check["setup"]["sets"]:
-        label = f"{name} (in-domain)" if name == HELDOUT else f"{name} (out-of-domain)"
-        for model in ("base", "enhanced"):
-            r = check[name][model]
-            rows.append(f"| {label} | {model} | {r['prior_acc']:.4f} | {r['recoverability_acc']:.4f} | {_iv(r['gain_over_prior'])} | "
-                        f"{_iv(r['ce_gain_interval'], 3)} | {r['mi_lb_bits']:.3f} | {r['mi_fano_uniform_bits']:.3f} |")
-        rows.append(f"| {label} | **enhanced − base** | | **{_iv(check[name]['delta_acc'])}** | | "
-                    f"**{_iv(check[name]['delta_ce_gain_bits'], 3)}** | | |")
-    return rows
-
-
 def print_check(check: dict) -> None:
     s = check["setup"]
     docs = f" ({s['train_documents']} / {s['eval_documents']} documents, {s['shared_documents']} shared)" if "train_documents" in s else ""
@@ -212,22 +192,6 @@ def print_check(check: dict) -> None:
           f"over its E-free prior (usable information of a linear decoder; not a bound). MI lower bound = max(H(T) - CE, list-Fano), "
           f"H(T) = plug-in entropy of the set's bag tokens (biased low: 0 means not resolved at this sample size). The paper's "
           f"estimate assumes H(T) = log2|V| and is not a bound.")
-
-
-def run_readme(recipe: Recipe, info: dict, final: dict) -> str:
-    """A short note in the run folder: what it is and how to load it (the Hub model card is built by mi_tune.push)."""
-    lines = [f"# {recipe.run_name}", "",
-             f"LoRA adapter (blocks 0..{info['num_blocks'] - 2}; final block {info['num_blocks'] - 1} frozen) and a bag-of-tokens head "
-             f"for `{recipe.model.source}`, trained by mi_tune to raise token recoverability of the layer-{info['layer']} "
-             f"{info['pooling']}-pooled embedding.", "",
-             "```python", "from peft import PeftModel", f"model = PeftModel.from_pretrained(base_model, {str(recipe.run_dir)!r})",
-             "# or, with the head and the right layer/pooling:", "from mi_tune.loading import load_ready",
-             f"ready = load_ready(adapter={str(recipe.run_dir)!r})", "```", ""]
-    chk = final.get("heldout_check")
-    if chk:
-        lines += ["Recoverability of the embedding (fresh decoder on frozen features of base and enhanced; "
-                  f"{chk['setup']['bootstrap']}; * = interval excludes 0):", ""] + check_table(chk) + [""]
-    return "\n".join(lines) + "\n"
 
 
 def recheck(run_dir: str | Path, verbose: bool = True) -> dict:
@@ -244,11 +208,11 @@ def recheck(run_dir: str | Path, verbose: bool = True) -> dict:
     from .loading import load_ready
 
     run_dir = Path(run_dir)
-    metrics_path, info_path = run_dir / "metrics.json", run_dir / "run_info.json"
-    if not metrics_path.exists() or not (run_dir / "recipe.yaml").exists():
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.exists() or not (run_dir / RECIPE_FILE).exists():
         raise UserError(field_error("RUN", str(run_dir), "a finished mi_tune run folder (recipe.yaml and metrics.json)",
                                     "point at adapters/<run> of a run that finished"))
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = load_recipe(run_dir / RECIPE_FILE)
     ood = ood_sets(recipe)
     ready = load_ready(adapter=str(run_dir))
     if ready.head is None:
@@ -269,19 +233,10 @@ def recheck(run_dir: str | Path, verbose: bool = True) -> dict:
     if "heldout_check" in final:
         final.setdefault("heldout_check_previous", []).append({**final["heldout_check"], "replaced_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     final["heldout_check"] = check
-    _write(metrics_path, json.dumps(final, indent=2, default=float))
-    info = json.loads(info_path.read_text()) if info_path.exists() else {"num_blocks": ready.loaded.num_blocks}
-    info.setdefault("layer", ready.head.config.layer)
-    info.setdefault("pooling", ready.head.config.pooling)
-    _write(run_dir / "README.md", run_readme(recipe, info, final))
+    atomic_write(metrics_path, json.dumps(final, indent=2, default=float))
+    atomic_write(run_dir / README_FILE, run_readme(run_dir))
     log(f"check: {metrics_path} updated (the previous check is kept under heldout_check_previous)")
     return check
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def compare_checks(run_a: str | Path, run_b: str | Path, resamples: int = 2000, seed: int = 0) -> dict:
@@ -291,7 +246,7 @@ def compare_checks(run_a: str | Path, run_b: str | Path, resamples: int = 2000, 
 
     checks = []
     for run in (run_a, run_b):
-        path = Path(run) / "metrics.json"
+        path = Path(run) / METRICS_FILE
         chk = json.loads(path.read_text()).get("heldout_check") if path.exists() else None
         if not chk or "per_sentence" not in chk.get(HELDOUT, {}):
             raise UserError(field_error("--against", str(run), "a finished run whose check stored per-sentence scores",
@@ -328,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         out = compare_checks(a.run, a.against)
         print(f"\n{a.run} − {a.against} (enhanced models, same sentences; paired bootstrap 95% interval, * = excludes 0)")
         for name, d in out.items():
-            print(f"  {name:<24} accuracy {_iv(d['delta_acc'])}   CE gain {_iv(d['delta_ce_gain_bits'], 3)} bits/token")
+            print(f"  {name:<24} accuracy {fmt_interval(d['delta_acc'])}   CE gain {fmt_interval(d['delta_ce_gain_bits'], 3)} bits/token")
         return out
     return recheck(a.run)
 

@@ -18,6 +18,13 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def corpus_token_ids(seqs, exclude: set) -> list[int]:
+    """Sorted ids of the tokens that occur in the (truncated) training sequences, special tokens excluded: the
+    columns of a ``head.columns: corpus`` head."""
+    present = torch.unique(torch.as_tensor([t for s in seqs for t in s], dtype=torch.long))
+    return [int(t) for t in present.tolist() if int(t) not in exclude]
+
+
 @dataclass
 class HeadConfig:
     base_model: str  # the model source the head was trained on (a head means nothing without it)
@@ -119,6 +126,13 @@ class RecoverabilityHead(nn.Module):
             nn.init.constant_(self.decoder.bias, math.log(p / (1 - p)))
         else:
             nn.init.zeros_(self.decoder.bias)
+
+    def warm_start(self, X, Y, sentences: int, epochs: int, seed: int) -> None:
+        """Start from a BCE decoder fitted on frozen base features ``X`` (1, N, D) and bags ``Y`` of the first
+        ``sentences`` training sentences, instead of from the prior."""
+        from .decoders import fit_bce
+
+        self.load_decoder(fit_bce(X[:, :sentences], Y[:sentences], epochs=epochs, lr=1e-2, seed=seed))
 
     @torch.no_grad()
     def load_decoder(self, dec, layer_index: int = 0) -> None:

@@ -26,13 +26,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .embedding import hidden_states
-from .errors import UserError
-from .head import HEAD_DIR, RecoverabilityHead
+from .errors import UserError, log
+from .head import HEAD_DIR, RecoverabilityHead, corpus_token_ids
 from .losses import bag_of_tokens, next_token_loss, recoverability_loss
 from .metrics import fano_uniform_estimate_bits, recoverability_accuracy
+from .modeling import check_layer, default_pooling
 from .pooling import pool
+from .runs import COMPLETE_MARKER, atomic_write, checkpoints, newest_complete_checkpoint
 
-COMPLETE_MARKER = "checkpoint_complete.json"
 MARKERS_ENV = "MI_TUNE_TEST_MARKERS"  # test hook: a folder; write_marker() records points the run reached there
 PAUSE_IN_SAVE_ENV = "MI_TUNE_TEST_PAUSE_IN_SAVE"  # test hook: a step; its checkpoint save stops half-written (needs MARKERS_ENV)
 PAUSE_IN_SAVE_MAX_S = 60.0
@@ -108,6 +109,41 @@ class RecoverabilityModel(nn.Module):
         self.recoverability_weight = recoverability_weight
         self.lm_weight = lm_weight
         self.positive_weight = positive_weight
+
+    @classmethod
+    def from_recipe(cls, recipe, loaded, peft_model, train_seqs) -> "RecoverabilityModel":
+        """The recipe's objective on an adapted model: the head reads ``objective.layer`` with ``objective.pooling``
+        (``auto``: the model kind's default), over the full vocabulary or the training text's tokens
+        (``head.columns``); special and pad tokens are never targets."""
+        obj = recipe.objective
+        layer = check_layer(obj.layer, loaded.num_hidden_states, recipe.model.source)
+        pooling = default_pooling(loaded.kind) if obj.pooling == "auto" else obj.pooling
+        if obj.lm_weight > 0 and loaded.kind != "decoder":
+            raise UserError(f"objective.lm_weight: got {obj.lm_weight} for an encoder ({recipe.model.source}); allowed: 0 "
+                            f"for encoders (no next-token head). Fix: set objective.lm_weight: 0.")
+        tok = loaded.tokenizer
+        exclude = set(tok.all_special_ids) | {tok.pad_token_id}
+        active = corpus_token_ids(train_seqs, exclude) if recipe.head.columns == "corpus" else None
+        head = RecoverabilityHead.from_model(loaded, layer, pooling, recipe.head.init, active_ids=active)
+        model = cls(peft_model, head, list(exclude), obj.recoverability_weight, obj.lm_weight, obj.positive_weight)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        cols = (f"{len(active):,} tokens of the training text + 1 shared column, of |V| = {head.config.vocab_size:,}"
+                if active is not None else f"|V| = {head.config.vocab_size:,} columns")
+        log(f"objective: layer {layer} of {loaded.num_hidden_states - 1} ({pooling} pooling), head on {head.config.hidden_size} dims "
+            f"x {cols}; {n_train:,} trainable parameters; adapters on blocks 0..{loaded.num_blocks - 2}, final block "
+            f"{loaded.num_blocks - 1} frozen")
+        return model
+
+    @property
+    def exclude(self) -> set[int]:
+        return set(self.exclude_ids.tolist())
+
+    def run_info(self, loaded) -> dict:
+        """What the run resolved (written to run_info.json and logged as ``resolved.*`` params)."""
+        return {"layer": self.head.config.layer, "pooling": self.head.config.pooling, "kind": loaded.kind,
+                "num_blocks": loaded.num_blocks, "dtype": str(loaded.dtype).replace("torch.", ""),
+                "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
+                "head_columns": self.head.decoder.out_features}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> dict:
         cfg = self.head.config
@@ -271,11 +307,9 @@ class RecoverabilityTrainer(Trainer):
         if not self.args.should_save:
             return
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        tmp = folder / (COMPLETE_MARKER + ".tmp")
-        tmp.write_text(f'{{"global_step": {self.state.global_step}}}\n')
-        os.replace(tmp, folder / COMPLETE_MARKER)  # atomic: the checkpoint counts only once this exists
+        atomic_write(folder / COMPLETE_MARKER, f'{{"global_step": {self.state.global_step}}}\n')  # only now does it count
         if limit:
-            complete = sorted(complete_checkpoints(self.args.output_dir), key=lambda p: int(p.name.split("-")[-1]))
+            complete = checkpoints(self.args.output_dir)
             keep = {str(p) for p in complete[-limit:]}
             if self.state.best_model_checkpoint:
                 keep.add(str(Path(self.state.best_model_checkpoint)))
@@ -302,25 +336,6 @@ class SeededLengthGroupedSampler(torch.utils.data.Sampler):
 
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    return [p for p in root.glob("checkpoint-*") if p.is_dir() and (p / COMPLETE_MARKER).exists()]
-
-
-def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    found = sorted(complete_checkpoints(output_dir), key=lambda p: int(p.name.split("-")[-1]))
-    return found[-1] if found else None
-
-
-def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    return [p for p in root.glob("checkpoint-*") if p.is_dir() and not (p / COMPLETE_MARKER).exists()]
 
 
 class TrackingCallback(TrainerCallback):

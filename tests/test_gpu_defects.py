@@ -36,7 +36,7 @@ def _batch(tok, texts=("the cat sat on the mat", "a dog ran far away today", "bi
 def test_training_arguments_turn_bf16_on_for_bf16_weights_on_a_gpu(monkeypatch, tmp_path):
     import transformers
 
-    from mi_tune.train import training_arguments
+    from mi_tune.arguments import training_arguments
 
     recipe, seen = _recipe(), {}
     monkeypatch.setattr(transformers, "TrainingArguments", lambda **kw: seen.update(kw) or kw)  # no GPU to build real ones on
@@ -46,7 +46,7 @@ def test_training_arguments_turn_bf16_on_for_bf16_weights_on_a_gpu(monkeypatch, 
 
 
 def test_training_values_bf16_only_for_bf16_weights_on_a_gpu():
-    from mi_tune.train import training_values
+    from mi_tune.arguments import training_values
 
     recipe = _recipe()
     assert training_values(recipe, torch.bfloat16, cuda=True)["bf16"] is True
@@ -101,7 +101,7 @@ def test_local_device_more_ranks_than_gpus_is_a_user_error(monkeypatch):
 
 @pytest.mark.parametrize("name", ["activation_checkpointing", "gradient_checkpointing"])
 def test_checkpointing_names_are_taken_from_the_trainer_and_given_to_the_base_model(name):
-    from mi_tune.train import checkpointing, training_values
+    from mi_tune.arguments import checkpointing, training_values
 
     recipe = _recipe(f"training.{name}=true")
     values = training_values(recipe, torch.float32, cuda=False)
@@ -217,3 +217,66 @@ def test_compact_head_gradient_scale_is_a_buffer_that_moves_with_the_head():
     assert head.grad_scale.dtype == torch.float64
     assert head.decoder.weight.grad[-1].abs().sum() > 0
     assert torch.allclose(head.decoder.bias.grad[-1], torch.tensor(2 * 97 / 97 ** 0.5, dtype=torch.float64))
+
+
+# ---- 5: decoders fit on the features' device ----
+
+def _features_and_bags(device: str):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2, 40, 8, generator=g)  # (L, N, D)
+    Y = (torch.rand(40, 30, generator=g) < 0.2).float()  # (N, V) bags stay where the tokenizer made them: the CPU
+    return X.to(device), Y
+
+
+def test_fit_bce_runs_on_the_features_device(monkeypatch):
+    """Features on a device (here "meta", which every CPU build has) -> every tensor of the fit is there; before the
+    fix the weights were always made on the CPU."""
+    from mi_tune import decoders
+
+    X, Y = _features_and_bags("meta")
+    seen = []
+    real_loss = decoders.recoverability_loss
+
+    def loss(logits, targets, *a):
+        seen.append((logits.device.type, targets.device.type))
+        return real_loss(logits, targets, *a)
+
+    monkeypatch.setattr(decoders, "recoverability_loss", loss)
+    dec = decoders.fit_bce(X, Y, epochs=2, batch_size=16)
+    assert seen and set(seen) == {("meta", "meta")}
+    assert {t.device.type for t in (dec.mean, dec.std, dec.W, dec.b, dec.active)} == {"meta"}  # handed back on the features' device
+
+
+def test_fit_ridge_runs_on_the_features_device(monkeypatch):
+    from mi_tune import decoders
+
+    X, Y = _features_and_bags("meta")
+    seen = []
+    real_mm, real_eigh = torch.sparse.mm, torch.linalg.eigh
+
+    def sparse_mm(a, b):  # no meta kernel for sparse products: record, and answer with the right shape
+        seen.append(("sparse.mm", a.device.type, b.device.type))
+        return torch.empty(a.shape[0], b.shape[1], device="meta") if b.is_meta else real_mm(a, b)
+
+    def eigh(A):
+        seen.append(("eigh", A.device.type))
+        return real_eigh(A)
+
+    monkeypatch.setattr(torch.sparse, "mm", sparse_mm)
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    dec = decoders.fit_ridge(X, Y, 0.5)
+    assert set(seen) == {("sparse.mm", "meta", "meta"), ("eigh", "meta")}
+    assert {t.device.type for t in (dec.mean, dec.std, dec.W, dec.b, dec.lam, dec.active)} == {"meta"}
+
+
+@pytest.mark.parametrize("fit", ["ridge", "bce"])
+def test_decoders_fit_on_a_named_device_and_come_back_on_the_features_device(fit):
+    """device= names where to fit; numpy features (what the probe embeds) come back on the CPU, unchanged by the detour."""
+    from mi_tune.decoders import fit_bce, fit_ridge
+
+    X, Y = _features_and_bags("cpu")
+    run = (lambda x, **kw: fit_ridge(x, Y, 0.5, **kw)) if fit == "ridge" else (lambda x, **kw: fit_bce(x, Y, epochs=2, batch_size=16, **kw))
+    ref, named = run(X.numpy()), run(X.numpy(), device="cpu")
+    for name in ("mean", "std", "W", "b", "active"):
+        assert getattr(named, name).device.type == "cpu"
+        assert torch.equal(getattr(named, name), getattr(ref, name))

@@ -222,7 +222,7 @@ def test_recipe_saved_before_a_setting_existed_still_resumes(tmp_path):
     import yaml
 
     from mi_tune.config import load_recipe
-    from mi_tune.train import _recipe_diff
+    from mi_tune.runs import recipe_diff as _recipe_diff
 
     recipe = load_recipe(str(ROOT / "recipes" / "tiny.yaml"), [])
     saved = recipe.to_dict()
