@@ -1,13 +1,15 @@
 """Secrets stay on this machine: what is redacted from params, tags, text artifacts, error messages and model cards.
 
-- ``redact(value)``: the value of any secret found in the environment (``SECRET_ENV``) and credentials written
-  inside a URI (``http://user:pw@host`` -> ``http://***@host``);
-- ``redact_text(text)``: that, plus the value of credential-looking keys in YAML / JSON text
+- ``redact(value, *also)``: the value of any secret found in the environment (``SECRET_ENV``) or passed in ``also``
+  (e.g. a Hub token read from the login cache), and credentials written inside a URI
+  (``http://user:pw@host`` -> ``http://***@host``);
+- ``redact_text(text, *also)``: that, plus the value of credential-looking keys in YAML / JSON text
   (``hub_token: hf_...`` -> ``hub_token: '***'``), whatever the environment holds;
 - ``SECRET_KEY``: a param name that looks like a credential (``training.hub_token``), logged as ``***``;
 - ``strip_userinfo(uri)``: the URI without its credentials, for files and messages.
 
-Used by the tracker, the adapter loader and the Hub code; imports nothing of mi_tune.
+The one redactor: used by the tracker, the upload policy (``run_files.py``), the adapter loader and the Hub
+code; imports nothing of mi_tune.
 """
 
 from __future__ import annotations
@@ -32,19 +34,18 @@ def strip_userinfo(uri: str) -> str:
     return URI_USERINFO.sub(r"\1", uri) if uri else uri
 
 
-def redact(value):
-    """Replace any secret from the environment, and credentials inside URIs, in a string value."""
+def redact(value, *also: str | None):
+    """Replace any secret from the environment or ``also``, and credentials inside URIs, in a string value."""
     if isinstance(value, str):
-        for name in SECRET_ENV:
-            secret = os.environ.get(name)
+        for secret in [os.environ.get(name) for name in SECRET_ENV] + list(also):
             if secret and len(secret) >= 4 and secret in value:
                 value = value.replace(secret, "***")
         value = URI_USERINFO.sub(r"\1***@", value)
     return value
 
 
-def redact_text(text: str) -> str:
+def redact_text(text: str, *also: str | None) -> str:
     """``redact`` plus credential-looking keys in YAML / JSON text."""
     text = YAML_SECRET.sub(r"\1'***'", text)
     text = JSON_SECRET.sub(r'\1"***"', text)
-    return redact(text)
+    return redact(text, *also)

@@ -1,17 +1,11 @@
-"""MLflow tracking with the same calls whether tracking is on or off (``NullTracker``).
+"""The run tracker: MLflow tracking with the same calls whether tracking is on or off (``NullTracker``), its
+offline queue, and ``python -m mi_tune.tracking sync``.
 
-Where runs go: the embedded store by default (``sqlite:///<cwd>/mlruns.db``, artifacts in
-``<cwd>/mlartifacts``), or a server named by the recipe's ``tracking.tracking_uri`` or
-``$MLFLOW_TRACKING_URI``; MLflow's own ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` /
-``MLFLOW_TRACKING_TOKEN`` apply. Secrets never reach params, tags or text artifacts (``redaction.py``).
-
-One run per training (``train.py``): params = the flattened resolved recipe (long values whole in
-the ``recipe.yaml`` artifact), tags, per-step metrics, and these artifacts::
-
-    recipe.yaml, metrics.json, run_info.json, README.md   the run folder's files (+ eval JSON, plots)
-    model/                                                 an MLflow pyfunc model, registered as a
-      MLmodel, requirements.txt, ...                       model version; its data is the adapter:
-      data/adapter/                                        PEFT files + head/ + recipe.yaml
+One run per training (``train.py``), in the store of ``mlflow_store.py``: params = the flattened resolved
+recipe (long values whole in the ``recipe.yaml`` artifact), tags, per-step metrics, and as artifacts the run
+folder's files (eval JSON and plots too; no checkpoints or caches: ``run_files.py``) and ``model/``, the
+adapter as a registered MLflow model (``mlflow_model.py``). Secrets never reach params, tags or text
+artifacts (``redaction.py``).
 
 A resumed training re-opens its run (named in ``tracking_run.json``) and logs the params the run
 lacks (``ensure_params``).
@@ -35,167 +29,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shutil
-import subprocess
-import tempfile
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 from .config import TrackingSettings
 from .errors import UserError, log
-from .redaction import SECRET_KEY, redact, redact_text, strip_userinfo
+from .mlflow_model import ADAPTER_ONLY, default_model_config, register_model_version, registered_model_name
+from .mlflow_model import _load_pyfunc  # noqa: F401  (models registered before the split name mi_tune.tracking as loader)
+from .mlflow_store import check_reachable, default_uri, health, is_http, is_transport_error, quiet_mlflow, resolve_uri
+from .redaction import SECRET_KEY, redact, strip_userinfo
+from .run_files import local_reason, shareable
+from .runs import METRICS_FILE, TRACKING_FILE, UNSENT_FILE
 
-TRACKING_FILE, UNSENT_FILE = "tracking_run.json", "tracking_unsent.jsonl"
-MODEL_ARTIFACT = "model"  # artifact folder of the MLflow model (the registered model version's source)
-MODEL_DATA = "adapter"  # inside it: data/adapter/, a plain PEFT adapter folder (+ head/, recipe.yaml)
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "head", "recipe.yaml", "run_info.json", "README.md")
-ADAPTER_ONLY = {"adapter_config.json", "adapter_model.safetensors", "head"}  # uploaded once, inside model/
-LOCAL_ONLY = {"checkpoints", TRACKING_FILE, UNSENT_FILE}  # bulk, or machine-specific: never uploaded
-TEXT_SUFFIXES = {".yaml", ".yml", ".json", ".jsonl", ".md", ".txt", ".csv", ".cfg", ".toml"}  # checked for secrets before upload (_secret_free)
-
-# MLflow's HTTP client retries a dead server for ~4 minutes per call by default. Our tracker keeps
-# what it cannot send, so long retries would only stall training; these apply unless already set.
-HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 OFFLINE_RETRY_S = 30.0  # once a server failed, ask /health at most this often before sending again
-
-
-# ---------------------------------------------------------------------------------------------
-# where, and what may be written there
-
-
-def default_uri() -> str:
-    return f"sqlite:///{Path.cwd() / 'mlruns.db'}"
-
-
-def resolve_uri(settings: TrackingSettings) -> str:
-    return settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
-
-
-def is_http(uri: str | None) -> bool:
-    return bool(uri) and uri.startswith(("http://", "https://"))
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def registered_model_name(recipe) -> str:
-    """``<base model name>-<method>``, e.g. ``SmolLM2-135M-Instruct.Q4_1-lora-recoverability``.
-
-    Runs of the same base model and method are versions of one registered model; each version is
-    tagged with its run name. A ``tracking.registered_model`` recipe field, when the recipe has one, wins.
-    """
-    explicit = getattr(recipe.tracking, "registered_model", None)
-    if explicit:
-        return explicit
-    source = recipe.model.gguf_file or recipe.model.source
-    stem = re.sub(r"\.gguf$", "", source.rstrip("/").split("/")[-1], flags=re.I)
-    method = "lora-recoverability" if recipe.objective.recoverability_weight > 0 else "lora-lm-control"  # as train.py tags it
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{stem}-{method}").strip("-")
-
-
-def check_reachable(uri: str) -> None:
-    """Raise UserError if an http(s) tracking server does not answer."""
-    if not is_http(uri):
-        return
-    ok, reason = _health(uri, timeout=5)
-    if not ok:
-        raise UserError(
-            f"tracking.tracking_uri: the MLflow server at {strip_userinfo(uri)} is unreachable ({reason}). Allowed: a running "
-            f"tracking server, or the local store. Fix: start the server, correct MLFLOW_TRACKING_URI / tracking.tracking_uri, "
-            f"set tracking.allow_fallback: true to fall back to the local store, or tracking.enabled: false."
-        )
-
-
-def _health(uri: str, timeout: float) -> tuple[bool, str]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(strip_userinfo(uri).rstrip("/") + "/health", timeout=timeout)
-        return True, "ok"
-    except urllib.error.HTTPError:
-        return True, "answered"  # the server answered (e.g. 401/404): reachable
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        return False, str(getattr(exc, "reason", exc))
-
-
-def is_transport_error(exc: BaseException) -> bool:
-    """True when ``exc`` says the store could not be reached or could not answer now: a connection refused or
-    reset, a timeout, retries used up, an HTTP 5xx answer, MLflow's TEMPORARILY_UNAVAILABLE (e.g. a locked
-    database). Only these are kept for a later sync; anything else (a 4xx bad request, a bug) is raised.
-
-    MLflow (3.x) wraps a failed HTTP request as ``MlflowException("API request to ... failed with exception
-    ...")`` raised inside the handler of the ``requests`` error, so the cause is found on the exception chain;
-    a server's error answer is a ``RestException`` (or, without a JSON body, an ``MlflowException`` "API
-    request to endpoint ... failed with error code ..."), judged by its HTTP status.
-    """
-    import requests
-    from mlflow.exceptions import MlflowException, RestException
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)):
-            return True
-        if isinstance(exc, requests.HTTPError):
-            return exc.response is not None and exc.response.status_code >= 500
-        if isinstance(exc, MlflowException):
-            if exc.error_code == "TEMPORARILY_UNAVAILABLE":
-                return True
-            if isinstance(exc, RestException) or str(exc.message).startswith("API request to endpoint"):
-                return exc.get_http_status_code() >= 500  # the server answered with an error
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def quiet_mlflow(uri: str) -> None:
-    """Lower MLflow's log level; for a server, short HTTP retries (what cannot be sent is kept, see HTTP_RETRY_DEFAULTS)."""
-    import logging
-
-    import mlflow  # noqa: F401  (importing it sets its loggers to INFO; lower them after)
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    if is_http(uri):
-        for key, value in HTTP_RETRY_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-
-
-@contextmanager
-def _secret_free(path: Path):
-    """Yield ``path``, or a redacted copy of it when a text file inside holds a secret."""
-    path = Path(path)
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-
-    def needs(p: Path) -> bool:
-        if p.suffix.lower() not in TEXT_SUFFIXES or p.stat().st_size > 5_000_000:
-            return False
-        text = p.read_text(errors="replace")
-        return redact_text(text) != text
-
-    if not any(needs(p) for p in files):
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="mi_tune_redacted_") as tmp:
-        copy = Path(tmp) / path.name
-        if path.is_file():
-            shutil.copy2(path, copy)
-        else:
-            shutil.copytree(path, copy)
-        for p in [copy] if copy.is_file() else [q for q in copy.rglob("*") if q.is_file()]:
-            if needs(p):
-                p.write_text(redact_text(p.read_text(errors="replace")))
-        yield copy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +169,7 @@ class MlflowTracker(NullTracker):
         if time.monotonic() - self._last_probe < OFFLINE_RETRY_S:
             return False
         self._last_probe = time.monotonic()
-        if not _health(self._uri, timeout=2)[0]:
+        if not health(self._uri, timeout=2)[0]:
             return False
         log(f"tracking: {self.uri} answers again; sending new records (the ones kept in {self.unsent_path} still need a sync)")
         self._offline_since = None
@@ -354,13 +200,13 @@ class MlflowTracker(NullTracker):
         elif kind == "tags":
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in rec["tags"].items()])
         elif kind in ("artifact", "artifacts"):
-            with _secret_free(Path(rec["path"])) as path:
+            with shareable(Path(rec["path"])) as path:
                 if kind == "artifact":
                     self.client.log_artifact(run_id, str(path), rec["artifact_path"])
                 else:
                     self.client.log_artifacts(run_id, str(path), rec["artifact_path"])
         elif kind == "register":
-            self._register(rec)
+            register_model_version(self.client, run_id, Path(rec["run_dir"]), rec["name"], rec["model_config"])
         elif kind == "status":
             self.client.set_terminated(run_id, rec["status"])
         else:
@@ -402,29 +248,6 @@ class MlflowTracker(NullTracker):
         """Log the adapter as an MLflow model (``model/``) and register it as a version of ``name``."""
         self._submit({"kind": "register", "run_dir": str(Path(run_dir).resolve()), "name": name,
                       "model_config": model_config or {}})
-
-    def _register(self, rec: dict) -> None:
-        from mlflow.exceptions import MlflowException
-
-        run_dir, name = Path(rec["run_dir"]), rec["name"]
-        with tempfile.TemporaryDirectory(prefix="mi_tune_model_") as tmp:
-            model_dir, meta = build_mlflow_model(run_dir, Path(tmp) / MODEL_ARTIFACT, rec["model_config"])
-            with _secret_free(model_dir) as clean:
-                self.client.log_artifacts(self.run_id, str(clean), MODEL_ARTIFACT)
-        try:
-            self.client.create_registered_model(name, description="LoRA adapters + bag-of-tokens heads trained by mi_tune "
-                                                                  "(token recoverability). Load: see each version's description.")
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
-        tags = {"mi_tune.run_name": run_dir.name, "mi_tune.base_model": meta["base_model"], "mi_tune.layer": meta["layer"],
-                "mi_tune.pooling": meta["pooling"], **{k: v for k, v in meta.get("scores", {}).items()}}
-        mv = self.client.create_model_version(name, source, run_id=self.run_id, tags={k: str(v) for k, v in tags.items()},
-                                              description=load_snippet(name, None))
-        self.client.update_model_version(name, mv.version, description=load_snippet(name, mv.version))
-        self.client.set_tag(self.run_id, "mi_tune.registered_model", f"models:/{name}/{mv.version}")
-        log(f"tracking: adapter registered as models:/{name}/{mv.version}")
 
     def end(self, status: str = "FINISHED") -> str | None:
         if self.owns_run:
@@ -567,17 +390,18 @@ def log_run_outputs(tracker, run_dir: Path, recipe) -> None:
 
     ``metrics.json`` may hold ``probe`` (``{layer: {metric: value}}``) and ``downstream``
     (``{task: {metric: value}}``) sections; they become ``probe_*`` / ``downstream_*`` metrics.
-    The adapter weights and head are uploaded once, inside ``model/``; checkpoints stay local.
+    The adapter weights and head are uploaded once, inside ``model/``; what stays local (checkpoints, caches, ...)
+    is decided by ``run_files.local_reason``, for the folders inside too.
     """
     run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS_FILE
     final = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     if isinstance(final.get("probe"), dict):
         tracker.log_layer_curve(final["probe"])
     if isinstance(final.get("downstream"), dict):
         tracker.log_downstream(final["downstream"])
     for item in sorted(run_dir.iterdir()):
-        if item.name in LOCAL_ONLY or item.name in ADAPTER_ONLY or item.name.endswith(".tmp"):
+        if local_reason(item) or item.name in ADAPTER_ONLY:
             continue
         if item.is_dir():
             tracker.log_artifacts(item, item.name)
@@ -585,111 +409,6 @@ def log_run_outputs(tracker, run_dir: Path, recipe) -> None:
             tracker.log_artifact(item)
     if (run_dir / "adapter_model.safetensors").exists():
         tracker.register_adapter(run_dir, registered_model_name(recipe), default_model_config(recipe))
-
-
-def default_model_config(recipe) -> dict:
-    """What the registered model needs at load time; every key can be overridden by the loader."""
-    source = recipe.model.source
-    local = Path(source).expanduser()
-    # A local base model is recorded by absolute path, so that loading works from any working directory
-    # on this machine; elsewhere pass model_config={"base_model": ...}.
-    base = str(local.resolve()) if local.exists() else source
-    return {"base_model": base, "max_length": recipe.data.max_length, "batch_size": 32}
-
-
-def load_snippet(name: str, version) -> str:
-    uri = f"models:/{name}/{version if version is not None else '<version>'}"
-    return (f"Embeddings of the enhanced model (the head's layer and pooling):\n\n"
-            f"    import mlflow\n    m = mlflow.pyfunc.load_model({uri!r})\n"
-            f"    vectors = m.predict([\"a sentence\", \"another one\"])   # (N, D) float32\n"
-            f"    ready = m.get_raw_model()   # mi_tune ReadyModel: .model (PeftModel), .head, .tokenizer\n\n"
-            f"The plain PEFT folder: mlflow.artifacts.download_artifacts({uri!r}) + '/data/{MODEL_DATA}', then\n"
-            f"PeftModel.from_pretrained(base_model, that_folder). Another base path: load_model(uri, model_config={{\"base_model\": ...}}).")
-
-
-def build_mlflow_model(run_dir: Path, dst: Path, model_config: dict) -> tuple[Path, dict]:
-    """Write an MLflow pyfunc model whose loader is this module and whose data is the adapter folder."""
-    import mlflow
-    import numpy as np
-    import peft
-    import safetensors
-    import torch
-    import transformers
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
-
-    from . import __version__
-
-    head_cfg = json.loads((run_dir / "head" / "config.json").read_text()) if (run_dir / "head" / "config.json").exists() else {}
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
-    scores = {}
-    for m in ("base", "enhanced"):
-        r = metrics.get("heldout_check", {}).get("heldout", {}).get(m, {})
-        if "recoverability_acc" in r:
-            scores[f"heldout_{m}_recoverability_acc"] = r["recoverability_acc"]
-    meta = {"base_model": model_config.get("base_model") or head_cfg.get("base_model", ""), "layer": head_cfg.get("layer"),
-            "pooling": head_cfg.get("pooling"), "scores": scores}
-    with tempfile.TemporaryDirectory(prefix="mi_tune_stage_") as tmp:
-        stage = Path(tmp) / MODEL_DATA
-        stage.mkdir()
-        for name in ADAPTER_FILES:
-            if (run_dir / name).exists():
-                (stage / name).symlink_to((run_dir / name).resolve())  # followed when MLflow copies the data folder
-        mlflow_model = Model()
-        mlflow_model.add_flavor("mi_tune", adapter=f"data/{MODEL_DATA}", peft_type="LORA", mi_tune_version=__version__,
-                                base_model=meta["base_model"], layer=meta["layer"], pooling=meta["pooling"])
-        signature = ModelSignature(inputs=Schema([ColSpec("string")]),
-                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(head_cfg.get("hidden_size", -1))))]))
-        requirements = [f"mi_tune=={__version__}"] + [f"{m.__name__}=={m.__version__.split('+')[0]}"
-                                                       for m in (torch, transformers, peft, safetensors, mlflow)]
-        with warnings.catch_warnings():  # no input example on purpose: MLflow would load the base model to check it
-            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-            mlflow.pyfunc.save_model(str(dst), loader_module=__name__, data_path=str(stage), mlflow_model=mlflow_model,
-                                     signature=signature, pip_requirements=requirements, model_config=model_config)
-    return dst, meta
-
-
-class AdapterEmbedder:
-    """What ``mlflow.pyfunc.load_model`` wraps: texts in, enhanced sentence embeddings out.
-
-    ``predict`` takes a list of strings, a string, or a DataFrame with a ``text`` column, and returns
-    (N, D) float32 embeddings at the head's layer and pooling. ``get_raw_model()`` returns the
-    ``ReadyModel`` (PeftModel, head, tokenizer) for anything else.
-    """
-
-    def __init__(self, ready, max_length: int = 128, batch_size: int = 32):
-        self.ready = ready
-        self.max_length = max_length
-        self.batch_size = batch_size
-
-    def predict(self, model_input, params: dict | None = None):
-        from .embedding import embed_texts
-
-        texts = _texts(model_input)
-        layer, pooling = self.ready.default_layer_pooling()
-        return embed_texts(self.ready.model, self.ready.tokenizer, texts, layer=layer, pooling=pooling,
-                           max_length=self.max_length, batch_size=self.batch_size)
-
-    def get_raw_model(self):
-        return self.ready
-
-
-def _texts(model_input) -> list[str]:
-    if isinstance(model_input, str):
-        return [model_input]
-    if hasattr(model_input, "columns"):  # pandas DataFrame
-        col = "text" if "text" in model_input.columns else model_input.columns[0]
-        return [str(t) for t in model_input[col].tolist()]
-    return [str(t) for t in list(model_input)]
-
-
-def _load_pyfunc(data_path: str, model_config: dict | None = None) -> AdapterEmbedder:
-    """MLflow's entry point for ``mlflow.pyfunc.load_model`` on a model written by ``build_mlflow_model``."""
-    from .loading import load_ready
-
-    cfg = {"base_model": None, "max_length": 128, "batch_size": 32, **(model_config or {})}
-    ready = load_ready(cfg["base_model"], adapter=str(data_path))
-    return AdapterEmbedder(ready, int(cfg["max_length"]), int(cfg["batch_size"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,7 +439,7 @@ def sync_unsent(path: str | Path, run_id: str | None = None, uri: str | None = N
             sent += 1
         except Exception as exc:
             errors.append(f"{rec['kind']} for run {target[0]} at {strip_userinfo(target[1])}: {type(exc).__name__}: {str(exc).strip()[:300]}")
-            if is_http(target[1]) and not _health(target[1], timeout=5)[0]:
+            if is_http(target[1]) and not health(target[1], timeout=5)[0]:
                 kept += records[i:]  # the server is gone: stop here, keep the rest in order
                 break
             kept.append(rec)
@@ -760,6 +479,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sent {n} record(s) from {target}")
 
     run()
+
 
 
 if __name__ == "__main__":

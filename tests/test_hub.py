@@ -22,7 +22,7 @@ from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import sha
 from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook, set_client_factory
 
-from mi_tune.hub import plan_push, push_run, scrub
+from mi_tune.hub import plan_push, push_run
 from mi_tune.push import main as push_main
 
 from .conftest import ROOT, TINY
@@ -273,6 +273,9 @@ def test_recipe_setting_pushes_at_end_of_training(trained):
     assert hub.repos[REPO]["adapter_model.safetensors"] == (run / "adapter_model.safetensors").read_bytes()
     assert ModelCard(hub.repos[REPO]["README.md"].decode()).data.library_name == "peft"
     assert (run / "README.md").read_bytes() != hub.repos[REPO]["README.md"]  # the local run note stays as it was
+    local = ModelCard((run / "README.md").read_text())  # the same card writer, loading from the run folder
+    assert local.data.library_name == "peft" and f"load_ready(adapter={str(run)!r})" in local.text
+    assert "| heldout (in-domain) | **enhanced − base** |" in local.text
 
 
 def test_push_to_a_branch(run_dir, fake_hub):
@@ -291,11 +294,13 @@ def test_card_metadata_without_hub_base_and_recipe_license(run_dir):
     assert plan_push(run_dir, REPO).files["README.md"] == plan.files["README.md"]  # deterministic: pushing again is a no-op
 
 
-def test_scrub_removes_secrets(monkeypatch):
+def test_text_for_the_hub_is_redacted(run_dir, monkeypatch):
+    """The one redactor (mi_tune.redaction), given the push token: env secrets, the token, URL passwords, secret keys."""
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    text = f"uri: https://alice:pa55word@mlflow.example.com/x token {TOKEN} and login-cache-token-xyz"
-    clean = scrub(text, token="login-cache-token-xyz")
-    assert TOKEN not in clean and "pa55word" not in clean and "login-cache-token-xyz" not in clean
+    (run_dir / "downstream" / "quick-cpu" / "notes.json").write_text(json.dumps(
+        {"uri": "https://alice:pa55word@mlflow.example.com/x", "env": TOKEN, "login": "login-cache-token-xyz", "hub_token": "hf_xyz"}))
+    clean = plan_push(run_dir, REPO, token="login-cache-token-xyz").files["downstream/quick-cpu/notes.json"].decode()
+    assert TOKEN not in clean and "pa55word" not in clean and "login-cache-token-xyz" not in clean and "hf_xyz" not in clean
     assert "***@mlflow.example.com/x" in clean
 
 

@@ -22,8 +22,9 @@ import yaml
 import mi_tune
 from mi_tune.config import flatten, load_recipe
 from mi_tune.train import main as train_main
-from mi_tune.tracking import (SECRET_KEY, MlflowTracker, NullTracker, main as tracking_main, redact, registered_model_name,
-                              reopen_run, strip_userinfo)
+from mi_tune.mlflow_model import registered_model_name
+from mi_tune.redaction import SECRET_KEY, redact, strip_userinfo
+from mi_tune.tracking import MlflowTracker, NullTracker, main as tracking_main, reopen_run
 
 from .conftest import ROOT, TINY, TINY_CORPUS, run_cli
 from .mlflow_server import free_port, mlflow_server, mlflow_server_boot  # noqa: F401  (fixtures)
@@ -139,6 +140,29 @@ def test_redaction_rules(monkeypatch):
                                                   "training.average_tokens_across_devices", "data.max_length"))
 
 
+def test_one_upload_policy_for_mlflow_and_the_hub(tmp_path, monkeypatch):
+    """Checkpoints, caches at any depth, this machine's tracking records, hidden files, links and unfinished writes stay
+    local for both MLflow (shareable) and the Hub (hub_files); text that leaves is redacted."""
+    from mi_tune.run_files import hub_files, shareable
+
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdef123")
+    run = tmp_path / "run"
+    for rel in ("metrics.json", "downstream/s/results.json", "checkpoints/checkpoint-2/adapter_model.safetensors",
+                "downstream/s/cache/emb.safetensors", "downstream/s/__pycache__/m.json", "tracking_run.json",
+                "tracking_unsent.jsonl", ".hidden.json", "run_info.json.tmp"):
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text("{}")
+    (run / "recipe.yaml").write_text("training:\n  hub_token: hf_abcdef123\n")
+    (run / "link.json").symlink_to(run / "metrics.json")
+    shared = {"metrics.json", "recipe.yaml", "downstream/s/results.json"}
+    assert set(hub_files(run)[0]) == shared
+    with shareable(run) as copy:
+        assert copy != run and {p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()} == shared
+        assert "hf_abcdef123" not in (copy / "recipe.yaml").read_text()
+    with shareable(run / "metrics.json") as same:
+        assert same == run / "metrics.json"  # nothing to change: sent as it is
+
+
 def test_registered_model_name_from_base_model_and_method():
     quick = load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml")
     assert registered_model_name(quick) == "SmolLM2-135M-Instruct.Q4_1-lora-recoverability"
@@ -216,6 +240,9 @@ def test_log_run_outputs_logs_probe_and_downstream_sections(embedded_run, tmp_pa
     metrics["downstream"] = {"bbc_classification": {"accuracy": 0.8}}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     (run_dir / "probe_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (run_dir / "downstream" / "s" / "cache").mkdir(parents=True)
+    (run_dir / "downstream" / "s" / "results.json").write_text("{}")
+    (run_dir / "downstream" / "s" / "cache" / "emb.safetensors").write_bytes(b"cached embeddings")
     tracker = MlflowTracker.open(embedded_run.uri, "mi_tune", "tiny-evaluated", {}, run_dir / "tracking_unsent.jsonl")
     log_run_outputs(tracker, run_dir, load_recipe(run_dir / "recipe.yaml"))
     tracker.end()
@@ -225,7 +252,8 @@ def test_log_run_outputs_logs_probe_and_downstream_sections(embedded_run, tmp_pa
     assert run.data.metrics["probe_ag_news_recoverability_acc"] == pytest.approx(0.35)  # the latest = the last layer
     assert run.data.metrics["downstream_bbc_classification_accuracy"] == 0.8
     files = _artifact_files(client, tracker.run_id)
-    assert {"probe_curve.png", "metrics.json", "model/data/adapter/adapter_model.safetensors"} <= files
+    assert {"probe_curve.png", "metrics.json", "downstream/s/results.json", "model/data/adapter/adapter_model.safetensors"} <= files
+    assert not any("cache" in f for f in files)  # caches stay local, as on the Hub
     assert "adapter_model.safetensors" not in files and not any(f.startswith("checkpoints") for f in files)  # uploaded once
     (mv,) = client.search_model_versions(f"run_id = '{tracker.run_id}'")
     assert mv.name == MODEL_NAME and int(mv.version) >= 2 and mv.tags["mi_tune.run_name"] == "tiny-evaluated"

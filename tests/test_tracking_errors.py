@@ -17,10 +17,11 @@ import yaml
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from mi_tune import tracking
+from mi_tune import mlflow_model
 from mi_tune.config import flatten
 from mi_tune.errors import UserError
-from mi_tune.tracking import MlflowTracker, NullTracker, ensure_params, is_transport_error
+from mi_tune.mlflow_store import is_transport_error
+from mi_tune.tracking import MlflowTracker, NullTracker, ensure_params
 
 from .conftest import ROOT, TINY, TINY_CORPUS, kill_at_marker
 from .mlflow_server import free_port
@@ -99,7 +100,7 @@ def test_programming_error_in_submission_is_raised_not_queued(store, tmp_path, m
     def broken(*args, **kwargs):
         raise TypeError("build_mlflow_model() got an unexpected keyword argument")
 
-    monkeypatch.setattr(tracking, "build_mlflow_model", broken)
+    monkeypatch.setattr(mlflow_model, "build_mlflow_model", broken)
     with pytest.raises(TypeError, match="unexpected keyword"):
         t.register_adapter(tmp_path, "some-model")
     t.log_params({"lora.r": 4})
