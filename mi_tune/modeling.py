@@ -170,7 +170,14 @@ def load_model(cfg: ModelConfig, for_training: bool = False) -> LoadedModel:
     cls = AutoModelForCausalLM if kind == "decoder" else AutoModel
     log(f"loading {cfg.source} as {cls.__name__} ({kind}, {num_blocks_of(config)} blocks)")
     try:
-        model = cls.from_pretrained(loc.path, **kwargs)
+        try:
+            model = cls.from_pretrained(loc.path, **kwargs)
+        except ValueError as exc:  # sdpa, our default, is missing for some architectures (MPNet); eager computes the same
+            if kwargs.get("attn_implementation") != "sdpa" or "scaled_dot_product_attention" not in str(exc):
+                raise
+            log(f"model.attn_implementation: {config.model_type} has no sdpa attention in transformers; using eager (same result)")
+            kwargs["attn_implementation"] = "eager"
+            model = cls.from_pretrained(loc.path, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "attn_implementation" in str(exc) or "does not support" in str(exc):
