@@ -137,7 +137,8 @@ def heldout_check(model, tokenizer, base: dict, recipe: Recipe, head_cfg, exclud
                 X = torch.from_numpy(f).transpose(0, 1)  # (1, N, D)
             feats[split] = (X, Y)
         X_tr, Y_tr = feats["train"]
-        dec = fit_ridge(X_tr, Y_tr, s.ridge_lambda) if linear else fit_bce(X_tr, Y_tr)
+        device = next(model.parameters()).device  # the decoders fit where the model runs (a GPU when there is one); results come back on the CPU
+        dec = fit_ridge(X_tr, Y_tr, s.ridge_lambda, device=device) if linear else fit_bce(X_tr, Y_tr, device=device)
         train_bags = BagSet.of(Y_tr, dec.active)
         probe = InformationProbe(dec, 0, X_tr[0], train_bags, linear, prior)
         for name in sets:

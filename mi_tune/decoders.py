@@ -5,6 +5,8 @@
 - ``fit_bce``: the paper's decoder, a linear layer trained with bag-of-tokens BCE (Adam, all layers in parallel).
 Both work on features shaped (L, N, D) so a probe fits every layer together; targets are (N, V).
 Features are z-scored per layer with training statistics (layers differ in scale by orders of magnitude).
+Both fit on ``device`` (default: the features' own device; numpy features are on the CPU) and hand the decoders back
+on the features' device, so ``device="cuda"`` fits a 7B model's decoders on its GPU while the caller keeps CPU tensors.
 
 Full vocabulary, stored compactly. Every vocabulary id gets an output, but the ids that never occur in a
 training bag all have the same target (always 0) and the same initialisation, so they end with the same
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -59,9 +61,15 @@ class LinearDecoders:
     vocab_size: int
     lam: torch.Tensor | None = None  # (L,) ridge strength used per layer (ridge only)
 
+    def to(self, device: torch.device | str) -> LinearDecoders:
+        """The same decoders with every tensor on ``device`` (the tensors themselves when already there)."""
+        moved = {k: getattr(self, k).to(device) for k in ("mean", "std", "W", "b", "active")}
+        return replace(self, **moved, lam=None if self.lam is None else self.lam.to(device))
+
     def compact_scores(self, X: torch.Tensor, layer: int) -> torch.Tensor:
         """(N, D) features of one layer -> (N, A+1) scores; the last column is every never-seen id."""
-        return ((torch.as_tensor(X, dtype=torch.float32) - self.mean[layer]) / self.std[layer]) @ self.W[layer] + self.b[layer]
+        X = torch.as_tensor(X, dtype=torch.float32, device=self.W.device)
+        return ((X - self.mean[layer]) / self.std[layer]) @ self.W[layer] + self.b[layer]
 
     def scores(self, X: torch.Tensor, layer: int) -> torch.Tensor:
         """(N, D) features of one layer -> (N, V) scores of the full-vocabulary decoder."""
@@ -82,27 +90,35 @@ def _standardize(X: torch.Tensor):
 
 
 def _compact_targets(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, V) bags -> ((N, A+1) targets of the ids seen in training + an all-zero shared column, (A,) ids)."""
+    """(N, V) bags -> ((N, A+1) targets of the ids seen in training + an all-zero shared column, (A,) ids), on Y's device."""
     active = (Y.sum(0) > 0).nonzero().flatten()  # (A,)
-    Yc = torch.cat([Y[:, active], torch.zeros(Y.shape[0], 1)], dim=1)  # (N, A+1)
+    Yc = torch.cat([Y[:, active], torch.zeros(Y.shape[0], 1, device=Y.device)], dim=1)  # (N, A+1)
     return Yc, active
 
 
-def fit_ridge(X: np.ndarray | torch.Tensor, Y: torch.Tensor, lam: float | str | Sequence[float] = 1.0) -> LinearDecoders:
+def _devices(X, device: torch.device | str | None) -> tuple[torch.device, torch.device]:
+    """(where to fit, where the decoders go back): ``device``, else the features' own device (numpy: the CPU)."""
+    home = X.device if isinstance(X, torch.Tensor) else torch.device("cpu")
+    return (home if device is None else torch.device(device)), home
+
+
+def fit_ridge(X: np.ndarray | torch.Tensor, Y: torch.Tensor, lam: float | str | Sequence[float] = 1.0,
+              device: torch.device | str | None = None) -> LinearDecoders:
     """X: (L, N, D), Y: (N, V). Solves (Z^T Z + lam N I) W = Z^T (Y - ybar) for every layer at once.
 
     ``lam``: a number (all layers), one number per layer, or "gcv": per layer, the value of
     ``RIDGE_GCV_GRID`` with the lowest generalized cross-validation error (closed form from the
     eigendecomposition of Z^T Z, so choosing costs no refits). The intercept is ybar, so never-seen
-    ids score exactly 0.
+    ids score exactly 0. ``device``: where to fit (default: X's device); the decoders come back on X's device.
     """
-    X = torch.as_tensor(X, dtype=torch.float32)
+    fit, home = _devices(X, device)
+    X = torch.as_tensor(X, dtype=torch.float32, device=fit)
     Z, mean, std = _standardize(X)  # (L, N, D)
     L, n, d = Z.shape
-    Yc, active = _compact_targets(Y)  # (N, A+1)
-    ybar = Yc.mean(0, keepdim=True)  # (1, A+1)
+    Yc, active = _compact_targets(Y)  # (N, A+1), on Y's device: only the sparse bags and their mean travel
+    ybar = Yc.mean(0, keepdim=True).to(fit)  # (1, A+1)
     # Z^T (Y - ybar) through the sparse bag matrix: the dense product would cost N*D*A per layer.
-    Yt = Yc.t().to_sparse()  # (A+1, N)
+    Yt = Yc.t().to_sparse().to(fit)  # (A+1, N)
     ZtY = torch.stack([torch.sparse.mm(Yt, Z[i]).t() for i in range(L)])  # (L, D, A+1)
     ZtY -= Z.sum(1).unsqueeze(-1) * ybar  # Z^T 1 is ~0 for centred Z; kept for exactness
     evals, vecs = torch.linalg.eigh(Z.transpose(1, 2) @ Z)  # (L, D), (L, D, D); eigh of the Gram: much faster than an SVD of Z
@@ -117,8 +133,9 @@ def fit_ridge(X: np.ndarray | torch.Tensor, Y: torch.Tensor, lam: float | str | 
         lams = torch.full((L,), float(lam)) if np.ndim(lam) == 0 else torch.as_tensor(lam, dtype=torch.float32)
         if lams.numel() != L:
             raise ValueError(f"lam has {lams.numel()} values for {L} layers")
+    lams = lams.to(fit)
     W = vecs @ (R / (evals + lams.unsqueeze(1) * n).unsqueeze(-1))  # (L, D, A+1)
-    return LinearDecoders(mean, std, W, ybar.expand(L, -1).unsqueeze(1).clone(), active, Y.shape[1], lams.clone())
+    return LinearDecoders(mean, std, W, ybar.expand(L, -1).unsqueeze(1).clone(), active, Y.shape[1], lams.clone()).to(home)
 
 
 def _gcv_lambdas(evals: torch.Tensor, R: torch.Tensor, Yc: torch.Tensor, n: int) -> torch.Tensor:
@@ -128,8 +145,8 @@ def _gcv_lambdas(evals: torch.Tensor, R: torch.Tensor, Yc: torch.Tensor, n: int)
     RSS(lam) = ||Yc||^2 - sum_j |R_j|^2 (e_j + 2 lam N) / (e_j + lam N)^2 (no division by e, so e = 0 is fine).
     """
     total = float(((Yc - Yc.mean(0)) ** 2).sum())  # ||Y - ybar||^2
-    q = (R.double() ** 2).sum(-1)  # (L, D)
-    e = evals.double()
+    q = (R.double() ** 2).sum(-1).cpu()  # (L, D); the grid search below reads single numbers: on the host
+    e = evals.double().cpu()
     best = []
     for i in range(e.shape[0]):
         errs = []
@@ -143,23 +160,26 @@ def _gcv_lambdas(evals: torch.Tensor, R: torch.Tensor, Yc: torch.Tensor, n: int)
 
 
 def fit_bce(X: np.ndarray | torch.Tensor, Y: torch.Tensor, epochs: int = 100, lr: float = 1e-2, weight_decay: float = 0.0,
-            batch_size: int = 512, seed: int = 0) -> LinearDecoders:
+            batch_size: int = 512, seed: int = 0, device: torch.device | str | None = None) -> LinearDecoders:
     """The paper's decoder: sigmoid(W E + b) trained with bag BCE, all layers in parallel (Adam).
 
     Exactly the full-vocabulary decoder (see the module docstring): the shared column is trained with
-    weight 1, i.e. as any one of the identical never-seen columns.
+    weight 1, i.e. as any one of the identical never-seen columns. ``device``: where to fit (default: X's
+    device); the decoders come back on X's device. The batches are drawn on the CPU: the same on every device.
     """
-    X = torch.as_tensor(X, dtype=torch.float32)
+    fit, home = _devices(X, device)
+    X = torch.as_tensor(X, dtype=torch.float32, device=fit)
     Z, mean, std = _standardize(X)
     L, n, d = Z.shape
     Yc, active = _compact_targets(Y)  # (N, A+1)
+    Yc = Yc.to(fit)
     g = torch.Generator().manual_seed(seed)
-    W = torch.zeros(L, d, Yc.shape[1], requires_grad=True)
+    W = torch.zeros(L, d, Yc.shape[1], device=fit, requires_grad=True)
     prior = Yc.mean(0).clamp(1e-6, 1 - 1e-6)
     b = torch.log(prior / (1 - prior)).expand(L, 1, -1).clone().requires_grad_(True)  # start at the unigram base rate
     opt = torch.optim.Adam([W, b], lr=lr, weight_decay=weight_decay)
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
+        perm = torch.randperm(n, generator=g).to(fit)
         for start in range(0, n, batch_size):
             idx = perm[start: start + batch_size]
             logits = Z[:, idx] @ W + b  # (L, B, A+1)
@@ -168,7 +188,7 @@ def fit_bce(X: np.ndarray | torch.Tensor, Y: torch.Tensor, epochs: int = 100, lr
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return LinearDecoders(mean, std, W.detach(), b.detach(), active, Y.shape[1])
+    return LinearDecoders(mean, std, W.detach(), b.detach(), active, Y.shape[1]).to(home)
 
 
 def compact_bags(bags: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,10 +260,10 @@ def ridge_loo_scores(dec: LinearDecoders, j: int, X_all: torch.Tensor, C: torch.
     """
     Z = (X_all.float() - dec.mean[j]) / dec.std[j]  # (N, D)
     n_all = Z.shape[0]
-    G = Z.T @ Z + float(dec.lam[j]) * n_all * torch.eye(Z.shape[1])  # (D, D)
+    G = Z.T @ Z + float(dec.lam[j]) * n_all * torch.eye(Z.shape[1], device=Z.device)  # (D, D)
     Zc = Z[: len(C)]
     h = (Zc * torch.linalg.solve(G, Zc.T).T).sum(1, keepdim=True).clamp(max=0.99)  # (n, 1)
-    Yc = torch.cat([ya.float(), torch.zeros(len(C), 1)], 1)  # (n, A+1): the shared column's target is 0
+    Yc = torch.cat([ya.float(), torch.zeros(len(C), 1, device=ya.device)], 1)  # (n, A+1): the shared column's target is 0
     b = dec.b[j]  # (1, A+1)
     return b + (C - b - h * (Yc - b)) / (1 - h)
 

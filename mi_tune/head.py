@@ -132,7 +132,7 @@ class RecoverabilityHead(nn.Module):
         ``sentences`` training sentences, instead of from the prior."""
         from .decoders import fit_bce
 
-        self.load_decoder(fit_bce(X[:, :sentences], Y[:sentences], epochs=epochs, lr=1e-2, seed=seed))
+        self.load_decoder(fit_bce(X[:, :sentences], Y[:sentences], epochs=epochs, lr=1e-2, seed=seed, device=self.decoder.weight.device))
 
     @torch.no_grad()
     def load_decoder(self, dec, layer_index: int = 0) -> None:

