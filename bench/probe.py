@@ -59,7 +59,8 @@ def main() -> None:
     import torch
 
     from mi_tune.embedding import embed_token_ids, tokenize
-    from mi_tune.eval.probe import ModelHandle, ProbeData, ProbeModel, ProbeSuite, probe_layers, read_set, scored_set
+    from mi_tune.eval.layer_metrics import probe_layers, scored_set
+    from mi_tune.eval.probe import ModelHandle, ProbeData, ProbeModel, ProbeSuite, read_set
 
     # ---- setup (not timed): data, model, tokens ----
     suite = ProbeSuite(name="bench", max_length=a.max_length, train_sentences=a.train_sentences, eval_sentences=a.eval_sentences,

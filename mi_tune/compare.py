@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import re
 import sys
@@ -25,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import plots
 from .errors import UserError, cli_main
 
 # Table columns when no --metric is given (those present in at least one run), best first.
@@ -59,7 +61,8 @@ class RunView:
 def open_client(tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
-    from .tracking import check_reachable, default_uri, quiet_mlflow, strip_userinfo
+    from .mlflow_store import check_reachable, default_uri, quiet_mlflow
+    from .redaction import strip_userinfo
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
@@ -198,43 +201,16 @@ def _history(client, run: RunView, key: str) -> tuple[list[int], list[float]]:
     return steps, [last[s] for s in steps]
 
 
-def _grid(n: int):
-    import matplotlib.pyplot as plt
-
-    cols = min(n, 2)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat[:n])
-
-
 def plot_training_curves(client, runs: list[RunView], extra: list[str], path: Path) -> Path | None:
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
+    """A panel per per-step metric (training, eval, ``extra``) that some run logged at two steps or more; None: none did."""
     keys = [k for k in dict.fromkeys(CURVE_METRICS + extra) if not k.startswith((PROBE_PREFIX, DOWNSTREAM_PREFIX))
             and any(k in r.metrics for r in runs)]
     series = {k: {r.run_id: _history(client, r, k) for r in runs if k in r.metrics} for k in keys}
     series = {k: v for k, v in series.items() if any(len(s[0]) > 1 for s in v.values())}
     if not series:
         return None
-    fig, axes = _grid(len(series))
-    for ax, (key, per_run) in zip(axes, series.items()):
-        for r in runs:
-            if r.run_id in per_run:
-                steps, values = per_run[r.run_id]
-                ax.plot(steps, values, marker="o" if len(steps) < 15 else None, markersize=3, label=r.name)
-        ax.set_title(key)
-        ax.set_xlabel("training step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("training curves")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plots.training_curves({k: [(r.name, *per_run[r.run_id]) for r in runs if r.run_id in per_run] for k, per_run in series.items()},
+                                 path)
 
 
 def probe_accuracy_curves(runs: list[RunView]) -> dict[str, list[tuple[RunView, str | None, str]]]:
@@ -263,70 +239,30 @@ def plot_layer_curves(client, runs: list[RunView], path: Path) -> Path | None:
     """A panel per evaluation set (``probe_accuracy_curves``): recoverability accuracy over normalized depth
     l / L (L = the run's ``resolved.num_blocks`` param, else its deepest probed layer): a solid line in its own
     colour per run (base + adapter), the base model dashed in grey (once when runs share its curve)."""
-    import matplotlib.pyplot as plt
-
     series = {s: [(r, v, _history(client, r, k)) for r, v, k in lines] for s, lines in probe_accuracy_curves(runs).items()}
     series = {s: lines for s, lines in series.items() if any(len(h[0]) > 1 for _, _, h in lines)}
     if not series:
         return None
     color = {r.run_id: f"C{i % 10}" for i, r in enumerate(runs)}
-    grey: dict[str, str] = {}  # base model -> its shade of grey (a base is not any one run's)
-    fig, axes = _grid(len(series))
-    for ax, (set_name, lines) in zip(axes, series.items()):
-        drawn = set()
-        for r, variant, (steps, values) in lines:
-            depth = float(r.params.get("resolved.num_blocks") or max(steps) or 1)
-            xs = [s / depth for s in steps]
-            if variant != "base":
-                ax.plot(xs, values, color=color[r.run_id], marker="o", markersize=3, linewidth=1.5, label=r.name)
-            elif (tuple(xs), tuple(values)) not in drawn:  # runs of one base model share its curve: draw it once
-                drawn.add((tuple(xs), tuple(values)))
-                source = r.params.get("model.source")
-                base = f"base: {Path(source.rstrip('/')).name}" if source else "base model"
-                shade = grey.setdefault(base, f"{0.2 + 0.2 * (len(grey) % 3):.1f}")
-                ax.plot(xs, values, color=shade, linestyle="--", marker="o", markersize=3, linewidth=1.5, label=base)
-        ax.set_title(set_name, fontsize=10)
-        ax.set_xlabel("normalized depth l / L  (0 = embeddings, 1 = last block)", fontsize=8.5)
-        ax.set_ylabel("recoverability accuracy", fontsize=8.5)
-        ax.set_xlim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
-    legend = {}
-    for ax in axes:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, h)
-    rows = (len(legend) + 3) // 4
-    width, height = fig.get_size_inches()
-    extra = 0.3 + 0.22 * rows  # inches below the panels for the legend
-    fig.set_size_inches(width, height + extra)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 4), fontsize=8, frameon=False)
-    fig.suptitle("recoverability accuracy by layer (probe): base + adapter solid, base dashed")
-    fig.tight_layout(rect=(0, extra / (height + extra), 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+    def curve(r: RunView, variant: str | None, steps: list[int], values: list[float]) -> plots.Curve:
+        depth = float(r.params.get("resolved.num_blocks") or max(steps) or 1)
+        xs = [s / depth for s in steps]
+        if variant != "base":
+            return r.name, xs, values, color[r.run_id]
+        source = r.params.get("model.source")
+        return (f"base: {Path(source.rstrip('/')).name}" if source else "base model"), xs, values, None
+
+    return plots.layer_curves({s: [curve(r, v, *h) for r, v, h in lines] for s, lines in series.items()}, path)
 
 
 def plot_downstream(runs: list[RunView], path: Path) -> Path | None:
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    """The final downstream_* metrics of every run as grouped bars; None: no run has one."""
     keys = sorted({k for r in runs for k in r.metrics if k.startswith(DOWNSTREAM_PREFIX)})
     if not keys:
         return None
-    x = np.arange(len(keys))
-    width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(keys) + 2), 4.5))
-    for i, r in enumerate(runs):
-        values = [r.metrics.get(k, np.nan) for k in keys]
-        ax.bar(x + (i - (len(runs) - 1) / 2) * width, values, width, label=r.name)
-    ax.set_xticks(x, [k[len(DOWNSTREAM_PREFIX):] for k in keys], rotation=30, ha="right")
-    ax.set_title("downstream results")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plots.downstream_bars([k[len(DOWNSTREAM_PREFIX):] for k in keys], [(r.name, [r.metrics.get(k, math.nan) for k in keys]) for r in runs],
+                                 path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,10 +272,6 @@ def plot_downstream(runs: list[RunView], path: Path) -> Path | None:
 def compare(client, uri: str, experiment: str | None = None, run_ids: list[str] | None = None, metrics: list[str] | None = None,
             ascending: bool | None = None, out: Path | None = None, log: bool = True, max_runs: int = 50) -> dict:
     """Select, tabulate, plot and (optionally) log. Returns what was produced (for tests and notebooks)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-
     runs = select_runs(client, experiment, run_ids, max_runs)
     params = differing_params(runs)
     cols = choose_metrics(runs, metrics)

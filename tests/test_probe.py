@@ -14,7 +14,8 @@ import torch
 from mi_tune.decoders import (RIDGE_GCV_GRID, BagSet, _standardize, compact_bags, compact_metrics, fit_bce, fit_ridge,
                               prior_per_sentence)
 from mi_tune.errors import UserError
-from mi_tune.eval.probe import MISS, load_suite, main as probe_main, recovered_list, resolve_data_root, resolve_source, scored_set, text_scores
+from mi_tune.eval.layer_metrics import MISS, adapter_deltas, recovered_list, scored_set, summarize, text_scores
+from mi_tune.eval.probe import load_suite, main as probe_main, resolve_data_root, resolve_source
 from mi_tune.losses import recoverability_loss
 from mi_tune.metrics import bag_cosine, fano_uniform_estimate_bits, recoverability_accuracy
 
@@ -99,6 +100,24 @@ def test_prior_baseline_ranks_by_training_frequency():
     # sentence 1: top-2 = {1, 2}, one hit; sentence 2: top-2 = {1, 2}, no hit (ids 4, 5 never seen, frequency 0)
     prior = prior_per_sentence(train.bags[:, active], BagSet.of(ev.bags, active), V)
     assert prior.tolist() == pytest.approx([0.5, 0.0])
+
+
+def test_summary_and_adapter_deltas_from_hand_made_rows():
+    """summarize / adapter_deltas are pure: rows in, dicts out. Base peaks at layer 1 of 2; the adapter adds 0.1 to
+    every sentence at every layer, so each paired difference is a constant and its interval has no width."""
+    n = 8
+    acc = {0: np.full(n, 0.2), 1: np.linspace(0.4, 0.6, n), 2: np.full(n, 0.3)}  # (N,) per-sentence accuracy per layer
+    rows = [{"model": "m", "variant": v, "set": "ev", "role": "eval", "layer": l, "num_blocks": 2, "_prior": np.full(n, 0.1),
+             "_acc": a + (0.1 if v == "adapter" else 0.0)} for v in ("base", "adapter") for l, a in acc.items()]
+    summary = summarize(rows, resamples=200)
+    base = next(s for s in summary if s["variant"] == "base")
+    assert (base["best_layer"], base["best_depth"], base["last_layer"], base["set"]) == (1, 0.5, 2, "ev")
+    assert (base["best_acc"], base["last_acc"], base["first_acc"], base["prior_acc"]) == pytest.approx((0.5, 0.3, 0.2, 0.1))
+    assert base["drop_interval"]["estimate"] == pytest.approx(0.2) and base["drop_interval"]["excludes_zero"]
+    deltas = adapter_deltas(rows, summary, resamples=200)
+    assert [(d["at"], d["layer"]) for d in deltas] == [("best", 1), ("last", 2)]
+    for d in deltas:
+        assert (d["estimate"], d["low"], d["high"]) == pytest.approx((0.1, 0.1, 0.1))
 
 
 @pytest.mark.parametrize("decoder", ["ridge", "bce"])

@@ -1,5 +1,5 @@
-"""Property-based tests over recipes (hypothesis): random structures, wrong types, unknown keys,
-absurd values. Every case gives a valid Recipe or a UserError with a message; never another
+"""Property-based tests over recipes and evaluation suites (hypothesis): random structures, wrong types,
+unknown keys, absurd values. Every case gives a valid config or a UserError with a message; never another
 exception, never a hang. Well over 1,000 generated cases in all."""
 
 import copy
@@ -9,7 +9,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mi_tune.config import Recipe, load_recipe, parse_overrides, recipe_from_dict
+from mi_tune.config import Recipe, config_from_dict, load_recipe, parse_overrides, recipe_from_dict
+from mi_tune.eval.suites import DownstreamSuite, ProbeSuite
 from mi_tune.errors import UserError
 
 from .conftest import ROOT
@@ -26,15 +27,15 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 keys = st.one_of(st.sampled_from(SECTIONS + ["run_name", "seed", "overwrite", "output_root"]), st.text(max_size=12), st.integers())
 
 
-def _check(data):
+def _check(data, schema=Recipe):
     try:
-        r = recipe_from_dict(data)
+        r = config_from_dict(data, schema, "fuzz") if schema is not Recipe else recipe_from_dict(data)
     except UserError as exc:
         msg = str(exc)
         assert msg and "problem(s)" in msg
         assert "Fix:" in msg or "fix" in msg.lower()
     else:
-        assert isinstance(r, Recipe)
+        assert isinstance(r, schema)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
@@ -110,3 +111,38 @@ def test_random_yaml_bytes(tmp_path_factory, blob):
         load_recipe(p)
     except UserError as exc:
         assert str(exc)
+
+
+
+SUITES = {ProbeSuite: yaml.safe_load((ROOT / "eval" / "probe-cpu.yaml").read_text()),
+          DownstreamSuite: yaml.safe_load((ROOT / "eval" / "downstream-cpu.yaml").read_text())}
+
+
+def _mappings(data: dict) -> list[dict]:
+    """The suite's mappings: the top level, its sections and their entries (models, eval sets, tasks)."""
+    out = [data]
+    for v in data.values():
+        if isinstance(v, dict):
+            out += [v] + [x for x in v.values() if isinstance(x, dict)]
+        elif isinstance(v, list):
+            out += [x for x in v if isinstance(x, dict)]
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(list(SUITES)),
+       st.lists(st.tuples(st.integers(0, 10**6), st.one_of(st.none(), st.text(max_size=12)), values), min_size=1, max_size=4))
+def test_mutated_valid_suites(schema, mutations):
+    data = copy.deepcopy(SUITES[schema])
+    for pick, key, value in mutations:
+        nodes = _mappings(data)
+        node = nodes[pick % len(nodes)]
+        keys = list(node) or ["x"]
+        node[key if key is not None else keys[pick % len(keys)]] = value  # a random key added, or a known one replaced
+    _check(data, schema)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(list(SUITES)), st.one_of(values, st.dictionaries(st.sampled_from(["task", "models", "eval", "tasks", "train"]), values)))
+def test_random_suite_structures(schema, data):
+    _check(data, schema)

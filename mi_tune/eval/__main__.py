@@ -27,12 +27,10 @@ def main(argv: list[str] | None = None) -> None:
 
         return downstream_main(argv[1:])
     if first.endswith((".yaml", ".yml")):
-        import yaml
+        from ..config import read_yaml
 
         path = Path(first)
-        if not path.is_file():
-            raise UserError(f"suite: {first} does not exist. Allowed: a suite YAML such as eval/probe-cpu.yaml. Fix: check the path.")
-        task = (yaml.safe_load(path.read_text()) or {}).get("task")
+        task = read_yaml(path, "suite").get("task")
         if task == "probe":
             from .probe import run_suite_file
         elif task == "downstream":

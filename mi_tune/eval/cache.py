@@ -1,7 +1,9 @@
 """On-disk cache of embeddings/features, keyed by everything that determines them.
 
-Key parts: model source (+revision), adapter (path + content hash of adapter_model.safetensors, or Hub id
-+ revision), data identity (source + content hash of the exact texts), layers, pooling, max length.
+``embedding_key`` is the one key of every cached embedding (the probe's features, the downstream runner's
+embeddings, training's base features). Key parts: model source (+revision, + size and modification time of each
+weight file of a local model), adapter (path + content hash of adapter_model.safetensors, or Hub id + revision),
+the exact texts (content hash), and the caller's settings (layers, pooling, max length, dtype...).
 Files are .npy under ``$MI_TUNE_CACHE/features`` written atomically (temp file + rename).
 """
 
@@ -47,19 +49,19 @@ def adapter_identity(adapter: str | None) -> dict | None:
 
 
 def model_identity(location) -> dict:
-    """What names a model's weights: the source and revision, plus size and mtime of each weight file of a
+    """What names a model's weights: the source and revision, plus size and mtime (ns) of each weight file of a
     local folder (so that a folder rewritten in place does not serve stale features)."""
     out = {"model": location.spec, "revision": location.revision}
     if location.is_local:
         p = Path(location.path)
         files = [p / location.gguf_file] if location.gguf_file else sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
-        out["files"] = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
+        out["files"] = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
     return out
 
 
 def embedding_key(kind: str, location, texts: Sequence[str], **parts) -> dict:
     """Cache key parts of pooled embeddings of ``texts`` by the model at ``location`` (plus layer, pooling,
-    max length, dtype, adapter... in ``parts``): what training's base features and the downstream runner share."""
+    max length, dtype, adapter... in ``parts``): what the probe, the downstream runner and training's base features share."""
     return {"kind": kind, **model_identity(location), "texts": texts_hash(texts), "n": len(texts), **parts}
 
 

@@ -25,81 +25,31 @@ import gc
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
 
-from ..config import _build
+from ..config import load_config
 from ..errors import UserError, cli_main, field_error, log
 from ..modeling import check_layer
-from ..stats import LEVEL, RESAMPLES, Interval, across_seeds
-from .tasks import ITEMS_KEY, TaskSpec, check_spec, classification, clustering, retrieval, sts
+from ..plots import downstream_chart
+from ..stats import LEVEL, across_seeds
+from .report import COUNT_KEYS, render_table
+from .suites import DownstreamSuite as Suite
+from .tasks import ITEMS_KEY, TaskSpec, classification, clustering, retrieval, sts
 
 FAMILIES = {"classification": classification, "sts": sts, "retrieval": retrieval, "clustering": clustering}
 OUTPUT_FILES = ("results.json", "table.md", "chart.png")
-COUNT_KEYS = ("n_train", "n_test", "n_classes", "n_pairs", "n_samples", "n_seeds", "n_queries", "n_docs", "full_corpus")
-
-
-@dataclass
-class Suite:
-    """A downstream suite file. YAML holds values; tasks are ``name: {family: ..., ...}`` (see TaskSpec)."""
-
-    task: Literal["downstream"] = "downstream"
-    name: str = ""  # default: the file's stem
-    data_root: str = "../shared/data"  # relative paths of tasks resolve under it; relative to the working dir; --data-root overrides
-    max_length: int = 128  # tokens per text; longer texts are truncated (a task may set its own)
-    batch_size: int = 32
-    layer: Optional[int] = None  # null: the first adapter's head layer, else the last layer
-    pooling: Optional[Literal["mean", "last", "first", "max", "weighted_mean"]] = None  # null: head's, else the model kind's default
-    seed: int = 0  # subsampling, logistic regression and the first k-means seed
-    clustering_seeds: int = 5  # k-means runs per clustering task (mean and std reported)
-    bootstrap_resamples: int = RESAMPLES  # paired bootstrap draws of a task's items behind each Δ's 95% interval
-    clustering_resamples: int = clustering.RESAMPLES  # fewer for clustering: each draw refits k-means clustering_seeds times per model
-    tasks: dict = field(default_factory=dict)
 
 
 def load_suite(path: str | Path, overrides: list[str] | None = None) -> tuple[Suite, dict[str, TaskSpec]]:
-    """Read and validate a suite; dotted ``key=value`` overrides (e.g. ``tasks.stsb.max_samples=500``) win over the file."""
-    import yaml
-
-    from ..config import merge, parse_overrides
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(field_error("suite", str(path), "an existing YAML file", "check the path, e.g. eval/downstream-cpu.yaml"))
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"suite {path}: not valid YAML ({getattr(exc, 'problem', exc)}). Fix the syntax (indentation, colons, quotes).") from None
-    if not isinstance(data, dict):
-        raise UserError(field_error("suite", type(data).__name__, "a YAML mapping at the top level", "start the file with `task: downstream`"))
-    data = merge(data, parse_overrides(overrides or []))
-    errors: list[str] = []
-    suite = _build(Suite, data, "", errors)
-    specs: dict[str, TaskSpec] = {}
-    if isinstance(suite.tasks, dict):
-        for name, body in suite.tasks.items():
-            spec = _build(TaskSpec, body, f"tasks.{name}", errors)
-            if isinstance(body, dict) and "family" not in body:
-                errors.append(field_error(f"tasks.{name}.family", None, ", ".join(FAMILIES), f"add `family:` to task {name}"))
-            check_spec(str(name), spec, errors)
-            specs[str(name)] = spec
-    if not specs:
-        errors.append(field_error("tasks", suite.tasks, "a mapping of task name -> task fields", "add at least one task"))
-    if suite.max_length < 2 or suite.batch_size < 1 or suite.clustering_seeds < 1:
-        errors.append(field_error("max_length/batch_size/clustering_seeds", (suite.max_length, suite.batch_size, suite.clustering_seeds),
-                                  "max_length >= 2, batch_size >= 1, clustering_seeds >= 1", "use e.g. 128, 32, 5"))
-    if suite.bootstrap_resamples < 50 or suite.clustering_resamples < 50:
-        errors.append(field_error("bootstrap_resamples/clustering_resamples", (suite.bootstrap_resamples, suite.clustering_resamples),
-                                  "integers >= 50 (fewer draws cannot place the ends of a 95% interval)",
-                                  f"use e.g. {RESAMPLES}, {clustering.RESAMPLES}"))
-    if errors:
-        lines = "\n".join(f"  - {e}" for e in errors)
-        raise UserError(f"suite {path} has {len(errors)} problem(s):\n{lines}")
-    suite.name = suite.name or p.stem
-    return suite, specs
+    """Read and validate a suite with the recipe loader (mi_tune.config: every problem at once); dotted ``key=value``
+    overrides (e.g. ``tasks.stsb.max_samples=500``) win over the file."""
+    suite = load_config(path, Suite, overrides, what="suite")
+    suite.name = suite.name or Path(path).stem
+    return suite, suite.tasks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,122 +143,6 @@ def task_intervals(family: str, items: dict, base: str, adapters: list[str], con
 
 # ---------------------------------------------------------------------------------------------
 # report
-
-
-def metric_names(scores_by_col: dict) -> list[str]:
-    first = next(iter(scores_by_col.values()))
-    return [k for k in first if k not in COUNT_KEYS]
-
-
-def fmt_delta(d: float) -> str:
-    return f"{d:+.4f}"
-
-
-def fmt_interval(interval: dict | None, delta: float) -> str:
-    """'+0.0123 [+0.0050, +0.0190]*' from an ``Interval.to_dict()`` (the * marks an interval that excludes 0); a plain Δ without one."""
-    if not interval:
-        return fmt_delta(delta)
-    return Interval(**{k: interval[k] for k in ("estimate", "low", "high", "level", "resamples", "n")}).fmt()
-
-
-def fmt_spread(s: dict) -> str:
-    return f"{s['mean']:+.4f} ± {s['sd']:.4f}"
-
-
-def render_table(results: dict) -> str:
-    """Markdown table (also printed): one row per task metric; base, then each column with its delta. The main metric's
-    deltas carry their paired bootstrap interval; with 2+ adapters, their mean ± sd follows."""
-    cols = results["columns"]
-    base = cols[0]["label"]
-    header = ["task", "metric", base]
-    for c in cols[1:]:
-        header += [c["label"], "Δ"]
-    controls = [c["label"] for c in cols if c["role"] == "control"]
-    adapters = [c["label"] for c in cols if c["role"] == "adapter"]
-    if controls:
-        header += [f"{a} − {controls[0]}" for a in adapters]
-    across = any("across_adapters" in t for t in results["tasks"].values())
-    if across:
-        header += ["Δ across adapters (seeds)"] + ([f"− {controls[0]} across adapters (seeds)"] if controls else [])
-    rows = []
-    for task, t in results["tasks"].items():
-        for m in metric_names(t["scores"]):
-            main = m == t["main"]
-            row = [task, m + (" *" if main else ""), f"{t['scores'][base][m]:.4f}"]
-            for c in cols[1:]:
-                d = t["delta"][c["label"]][m]
-                row += [f"{t['scores'][c['label']][m]:.4f}", fmt_interval(t.get("interval", {}).get(c["label"]), d) if main else fmt_delta(d)]
-            if controls:
-                for a in adapters:
-                    d = t["scores"][a][m] - t["scores"][controls[0]][m]
-                    row.append(fmt_interval(t.get("interval_vs_control", {}).get(a), d) if main else fmt_delta(d))
-            if across:
-                spread = t.get("across_adapters") if main else None
-                row += [fmt_spread(spread["delta"]) if spread else ""]
-                if controls:
-                    row += [fmt_spread(spread["vs_control"]) if spread else ""]
-            rows.append(row)
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
-    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
-    return "\n".join(out) + "\n\n* main metric of the task. Δ = column − " + base + ".\n" + interval_note(results, across)
-
-
-def interval_note(results: dict, across: bool) -> str:
-    """Footnote: what the intervals next to the main metric's deltas are."""
-    boot = {task: t["bootstrap"] for task, t in results["tasks"].items() if t.get("bootstrap")}
-    if not boot:
-        return ""
-    b0 = next(iter(boot.values()))
-    draws = "; ".join(f"{task}: {b['resamples']} draws of {b['n']} {b['items']}" for task, b in boot.items())
-    note = (f"[low, high] after a main metric's difference: paired bootstrap {b0['level']:.0%} interval, percentile method (numpy, seed "
-            f"{b0['seed']}): the task's items are drawn with replacement, the same draw for both sides, and the metric is recomputed "
-            f"on each draw; a trailing * marks an interval that excludes 0. {draws}.\n")
-    if across:
-        note += "Across adapters (seeds): mean ± sample sd over the adapters (not the control) of the main metric's difference.\n"
-    return note
-
-
-def draw_chart(results: dict, path: Path) -> None:
-    """Bar chart of each task's main metric per column, and (with more than one column) the deltas vs base."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = [c["label"] for c in results["columns"]]
-    tasks = list(results["tasks"])
-    names = [f"{t}\n{results['tasks'][t]['main']}" for t in tasks]
-    x = np.arange(len(tasks))
-    width = 0.8 / len(cols)
-    panels = 2 if len(cols) > 1 else 1
-    fig, axes = plt.subplots(1, panels, figsize=(max(6, 1.6 * len(tasks)) * panels, 4.5), squeeze=False)
-    ax = axes[0][0]
-    for i, c in enumerate(cols):
-        vals = [results["tasks"][t]["scores"][c][results["tasks"][t]["main"]] for t in tasks]
-        ax.bar(x + (i - (len(cols) - 1) / 2) * width, vals, width, label=c)
-    ax.set_xticks(x, names, fontsize=8)
-    ax.set_ylabel("score")
-    ax.set_title(f"{results['suite']}: main metric per task")
-    ax.legend(fontsize=8)
-    if panels == 2:
-        ax = axes[0][1]
-        others = cols[1:]
-        w2 = 0.8 / len(others)
-        for i, c in enumerate(others):
-            vals = np.array([results["tasks"][t]["delta"][c][results["tasks"][t]["main"]] for t in tasks])
-            ci = [results["tasks"][t].get("interval", {}).get(c) for t in tasks]
-            err = np.nan_to_num(np.array([[v - iv["low"], iv["high"] - v] if iv else [0.0, 0.0] for v, iv in zip(vals, ci)]).T.clip(0))  # (2, T)
-            ax.bar(x + (i - (len(others) - 1) / 2) * w2, vals, w2, yerr=err, capsize=2, error_kw={"linewidth": 0.8},
-                   label=f"{c} − {cols[0]}", color=f"C{i + 1}")  # same colour as on the left; bars: paired bootstrap 95% interval
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(x, names, fontsize=8)
-        ax.set_ylabel("Δ vs " + cols[0])
-        ax.set_title("change vs base (paired bootstrap 95% intervals)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def versions() -> dict:
@@ -405,8 +239,7 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
     """Run a downstream suite for base (+ adapters, + a control adapter). Returns the results dict (also written to out_dir)."""
     import torch
 
-    from ..config import ModelConfig
-    from ..loading import load_ready, resolve_adapter
+    from ..loading import adapter_recipe, load_ready, model_config_for, resolve_adapter
 
     t_start = time.perf_counter()
     # ---- suite ----
@@ -428,21 +261,11 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
     columns = [Column("base", "base")]
     for a in adapters + ([control] if control else []):
         columns.append(Column(column_label(a, {c.label for c in columns}), "control" if a == control else "adapter", a))
-    recipes = {}
-    for c in columns[1:]:
-        folder = resolve_adapter(c.adapter)
-        recipe_file = folder / "recipe.yaml"
-        if recipe_file.is_file():
-            import yaml
-
-            recipes[c.label] = yaml.safe_load(recipe_file.read_text())
-    first = next((recipes[c.label] for c in columns[1:] if c.label in recipes), None)
-    if model is None and first is None:
-        raise UserError("model: no model given. Allowed: --model SOURCE, or an adapter run folder whose recipe.yaml names it. Fix: pass --model.")
-    if first is not None and not isinstance(model, ModelConfig):
-        # The base is loaded the way the adapters' training loaded it (dtype, quantization...), as load_ready does for them.
-        model = ModelConfig(**{**first["model"], **({"source": str(model)} if model else {})})
-    model_name = model.source if isinstance(model, ModelConfig) else str(model)
+    folders = {c.label: resolve_adapter(c.adapter) for c in columns[1:]}
+    recipes = {label: recipe for label, folder in folders.items() if (recipe := adapter_recipe(folder)) is not None}
+    first = next(iter(recipes), None)  # every column's base loads the way this adapter's training loaded it (dtype, quantization...)
+    model = model_config_for(model, recipes.get(first), folders.get(first))
+    model_name = model.source
     head_lp = next((lp for c in columns[1:] if (lp := head_layer_pooling(c.adapter)) is not None), (None, None))
     layer = layer if layer is not None else cfg.layer if cfg.layer is not None else head_lp[0]  # None: decided at the base's load
     pooling = pooling or cfg.pooling or head_lp[1]
@@ -521,7 +344,7 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     table = render_table(results)
     (out_dir / "table.md").write_text(table)
-    draw_chart(results, out_dir / "chart.png")
+    downstream_chart(results, out_dir / "chart.png")
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print("\n" + table)
     for c in col_info:

@@ -31,7 +31,7 @@ Source = Union[str, dict, None]  # a path under data_root, pypi:REQ/path, or {hu
 class TaskSpec:
     """One task of a suite. Which fields apply depends on the family (checked by ``check_spec``)."""
 
-    family: Literal["classification", "sts", "retrieval", "clustering"] = "sts"
+    family: Literal["classification", "sts", "retrieval", "clustering"]  # required: which task family (see FAMILY_FIELDS)
     data: Source = None  # sts / clustering: the rows; retrieval: a BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or {hub: NAME}
     train: Source = None  # classification: the data set's own train split
     test: Source = None  # classification: the data set's own test split

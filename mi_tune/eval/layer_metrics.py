@@ -1,0 +1,255 @@
+"""The probe's per-layer metrics: pure functions from features, bags and decoders to rows of numbers (no files,
+no tracking). ``probe_layers`` fits one decoder per layer and scores every set; ``summarize`` and
+``adapter_deltas`` turn the rows into best-vs-last-layer and adapter-vs-base comparisons with intervals.
+
+Metrics per layer and data set (DESIGN.md section 2):
+- ``recoverability_acc``: precision@k of the decoder's top-k vocabulary ids, k = bag size (unique
+  non-special tokens of the sentence), mean over sentences.
+- ``cosine``: cosine between predicted probabilities (sigmoid for BCE, scores clipped to [0, 1] for
+  ridge) and the multi-hot bag, over the full vocabulary, mean over sentences.
+- ``bleu`` (sacrebleu corpus BLEU, 0-100, tokenize="none") and ``rouge1_f`` / ``rouge2_f`` (rouge-score
+  F1, mean over sentences) of the *recovered token list* against the *original tokens*:
+  original = the sentence's token ids after truncation, special tokens removed, in sentence order,
+  repeats kept; recovered = the top-k ids (k = bag size) with the hits (ids that occur in the sentence)
+  placed in the order of their first occurrence, followed by the misses. Tokens are written as decimal
+  ids, so nothing is detokenised or re-tokenised. A bag has no order, so this is an *oracle order* for
+  the hits: BLEU's 2- to 4-grams measure runs of adjacent recovered tokens. ROUGE-L is not reported:
+  under this order the hits are a subsequence of the sentence and the misses never occur in it, so the
+  LCS is the number of hits and ROUGE-L equals ROUGE-1 (tests/test_probe.py checks it with rouge-score).
+  Computed on the first ``text_metrics_sentences`` sentences of each (already shuffled) set.
+- Information in bits (mi_tune/metrics.py has the formulas and assumptions): ``mi_lb_bits``, the only
+  quantity called a lower bound on I(T;E), = max(``mi_variational_lb_bits`` (H(T) - held-out cross-entropy
+  of the decoder's scores normalised over the vocabulary), ``mi_fano_list_lb_bits`` (Fano for a list of k
+  guesses)), H(T) = the set's plug-in bag-token entropy (``token_entropy_bits``); ``mi_fano_uniform_bits``
+  is the paper's estimate (H(T) = log2|V|, one guess), not a bound. |V| is the model's full vocabulary.
+- ``prior_acc``: the no-feature baseline (ids ranked by training bag frequency).
+Intervals: per set, paired bootstrap 95% (mi_tune/stats.py) of best - last layer, of each layer's gain over
+the prior at the best and last layer, and of adapter - base at the base's best and last layers.
+
+The decoders are full-vocabulary but stored compactly (mi_tune/decoders.py): one column per id seen in a
+training bag and one shared column for the U ids never seen, which all get the same score. The metrics are
+computed on that compact form (B x A instead of B x |V|, ~5x less work for SmolLM2); the U tied ids enter
+the top-k as a block wherever their shared score ranks. Accuracy counts that block's expected hits under a
+random choice among the tied ids (u/U per slot, u = bag ids never seen in training); BLEU/ROUGE count those
+slots as misses. Both differ from a dense ``torch.topk`` only in how ties are broken.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..decoders import ROW_CHUNK
+from .suites import ProbeSuite
+
+DECODER_MEMORY = 1.0e9  # bytes of decoder weights (+ Adam state for BCE) fitted at once; sets the layer chunk
+
+METRICS = {  # key -> axis label (with units); order = plot and table order
+    "recoverability_acc": "recoverability accuracy (precision@|bag|, 0-1)",
+    "cosine": "cosine(predicted probabilities, bag) (0-1)",
+    "bleu": "BLEU of recovered tokens (sacrebleu, 0-100)",
+    "rouge1_f": "ROUGE-1 F1 of recovered tokens (0-1)",
+    "rouge2_f": "ROUGE-2 F1 of recovered tokens (0-1)",
+    "mi_lb_bits": "lower bound on I(T;E): max(variational, list-Fano) (bits)",
+    "mi_variational_lb_bits": "variational lower bound H(T) - CE (bits)",
+    "mi_fano_list_lb_bits": "list-Fano lower bound, k = largest bag (bits)",
+    "mi_fano_uniform_bits": "paper's estimate, H(T)=log2|V| (bits, NOT a bound)",
+    "ce_gain_over_prior_bits": "CE gain of q(t|E) over its prior (bits/token, not a bound)",
+}
+
+
+class _Whitespace:
+    """rouge-score tokenizer for id strings: split on spaces (its default would also work, but lower-cases and regexes)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+
+def recovered_list(top_ids: list[int], sentence: list[int]) -> list[int]:
+    """The recovered token list compared with the sentence by BLEU/ROUGE (see the module docstring).
+
+    top_ids: the decoder's top-k ids in decreasing score. Hits go first, in the order of their first
+    occurrence in the sentence; misses follow in score order.
+    """
+    first = {}
+    for pos, t in enumerate(sentence):
+        first.setdefault(t, pos)
+    hits = sorted((t for t in top_ids if t in first), key=first.__getitem__)
+    return hits + [t for t in top_ids if t not in first]
+
+
+def text_scores(hyps: list[list[int]], refs: list[list[int]]) -> dict:
+    """sacrebleu corpus BLEU (0-100) and mean rouge-score F1 of id lists written as decimal strings."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if not hyps:
+        return {"bleu": float("nan"), "rouge1_f": float("nan"), "rouge2_f": float("nan")}
+    h = [" ".join(map(str, x)) for x in hyps]
+    r = [" ".join(map(str, x)) for x in refs]
+    bleu = sacrebleu.corpus_bleu(h, [r], tokenize="none").score
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2"], tokenizer=_Whitespace())
+    sums = {"rouge1": 0.0, "rouge2": 0.0}
+    for hyp, ref in zip(h, r):
+        for key, s in scorer.score(ref, hyp).items():
+            sums[key] += s.fmeasure
+    return {"bleu": float(bleu), **{f"{k}_f": v / len(h) for k, v in sums.items()}}
+
+
+@dataclass
+class ScoredSet:
+    """What the metrics need about one data set, computed once per model."""
+
+    name: str
+    role: str
+    seqs: list[list[int]]  # token ids as fed to the model (truncated, with specials)
+    sentences: list[list[int]]  # the same without special/pad ids: the "original tokens"
+    bags: torch.Tensor  # (N, V) uint8 multi-hot
+    entropy_bits: float | None = None  # plug-in H(T) on every text of the set's source (None: on these sentences)
+
+
+def scored_set(name: str, role: str, seqs: list[list[int]], vocab_size: int, exclude_ids, pool=None) -> ScoredSet:
+    """``pool``: token ids of every text of the source; H(T) is estimated on it (the plug-in is biased low, less on more text)."""
+    from ..decoders import bags_from_ids
+    from ..metrics import bag_token_distribution_of_seqs, entropy_bits
+
+    ex = set(exclude_ids)
+    sentences = [[t for t in s if t not in ex and 0 <= t < vocab_size] for s in seqs]
+    h = entropy_bits(torch.from_numpy(bag_token_distribution_of_seqs(pool, vocab_size, exclude_ids))) if pool else None
+    return ScoredSet(name, role, seqs, sentences, bags_from_ids(seqs, vocab_size, exclude_ids).to(torch.uint8), h)
+
+
+MISS = -1  # written for a top-k slot filled from the tied never-seen block: never in a sentence, so a miss
+
+
+def score_layer(probe, X: np.ndarray, ss: ScoredSet, bs, text_cap: int | None) -> dict:
+    """Metrics of one layer's decoder (an ``InformationProbe``) on features X (N, D) of one set with bags ``bs`` (a BagSet).
+
+    Also returns the per-sentence accuracy under ``_acc`` (for the paired intervals).
+    """
+    n = X.shape[0]
+    cap = n if text_cap is None else min(text_cap, n)
+    per = probe.per_sentence(X, bs, keep_top=True)
+    active = probe.dec.active.tolist()
+    k = (bs.ya.sum(1, dtype=torch.float32) + bs.u).long().tolist()
+    hyps = []
+    for c, (idx, n_active) in enumerate(per["top"]):
+        start = c * ROW_CHUNK
+        if start >= cap:
+            break
+        idx, n_active = idx.tolist(), n_active.tolist()
+        for i in range(min(len(idx), cap - start)):
+            top = [active[c_] for c_ in idx[i][: n_active[i]]] + [MISS] * (k[start + i] - n_active[i])
+            hyps.append(recovered_list(top, ss.sentences[start + i]))
+    return {**probe.summary(per, bs), **text_scores(hyps, ss.sentences[:cap]), "_acc": per["acc"].numpy()}
+
+
+def layer_chunk(decoder: str, d: int, active: int) -> int:
+    """How many layers' decoders are fitted at once: as many as fit in DECODER_MEMORY bytes."""
+    per_layer = d * (active + 1) * 4 * (4 if decoder == "bce" else 3)  # W and 2 temporaries (ridge); W, grad, 2 Adam moments (BCE)
+    return max(1, int(DECODER_MEMORY // per_layer))
+
+
+def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: list[int], vocab_size: int, suite: ProbeSuite,
+                 timings: dict | None = None) -> list[dict]:
+    """Fit one decoder per layer on the train set (layers in chunks, each chunk in one batched fit) and score every set.
+
+    feats: set name -> (N, L+1, D). Returns one row per (layer, set) with the metrics only.
+    """
+    from ..decoders import BagSet, InformationProbe, fit_bce, fit_ridge, prior_per_sentence
+
+    train = next(s for s in sets if s.role == "train")
+    Y = train.bags.float()  # (N, V)
+    active = int((Y.sum(0) > 0).sum())
+    chunk = layer_chunk(suite.decoder, feats[train.name].shape[-1], active)
+    linear = suite.decoder == "ridge"
+    rows = []
+    t_fit = t_score = 0.0
+    for c0 in range(0, len(layers), chunk):
+        ls = layers[c0: c0 + chunk]
+        X = torch.from_numpy(np.ascontiguousarray(feats[train.name][:, ls].transpose(1, 0, 2)))  # (Lc, N, D)
+        t = time.perf_counter()
+        if linear:
+            dec = fit_ridge(X, Y, suite.ridge_lambda)
+        else:
+            dec = fit_bce(X, Y, epochs=suite.bce_epochs, lr=suite.bce_lr, weight_decay=suite.bce_weight_decay,
+                          batch_size=suite.bce_batch_size, seed=suite.seed)
+        t_fit += time.perf_counter() - t
+        t = time.perf_counter()
+        if c0 == 0:
+            bags = {ss.name: BagSet.of(ss.bags, dec.active, ss.entropy_bits) for ss in sets}  # same seen ids for every chunk
+            prior = {ss.name: prior_per_sentence(bags[train.name].ya, bags[ss.name], vocab_size).numpy() for ss in sets}
+        for j, layer in enumerate(ls):
+            probe = InformationProbe(dec, j, feats[train.name][:, layer], bags[train.name], linear)
+            for ss in sets:
+                m = score_layer(probe, feats[ss.name][:, layer], ss, bags[ss.name], suite.text_metrics_sentences)
+                extra = {"ridge_lambda": float(dec.lam[j])} if dec.lam is not None else {"ridge_lambda": None}
+                rows.append({"layer": layer, "set": ss.name, "role": ss.role, "sentences": len(ss.seqs),
+                             "text_metric_sentences": len(ss.seqs) if suite.text_metrics_sentences is None else min(suite.text_metrics_sentences, len(ss.seqs)),
+                             **m, "prior_acc": float(np.nanmean(prior[ss.name])), "_prior": prior[ss.name], **extra})
+        t_score += time.perf_counter() - t
+    if timings is not None:
+        timings["decoder_fit_s"] = timings.get("decoder_fit_s", 0.0) + t_fit
+        timings["metrics_s"] = timings.get("metrics_s", 0.0) + t_score
+    return rows
+
+
+def _per(rows: list[dict], key: str = "_acc") -> dict:
+    return {r["layer"]: r[key] for r in rows}
+
+
+def summarize(rows: list[dict], resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """Per model variant and evaluation set (plus the mean over evaluation sets): best layer vs last layer.
+
+    Intervals (paired bootstrap over the set's sentences; for the mean over sets, each set resampled on its own
+    and the per-set means averaged): best - last layer, and the gain over the no-feature prior at both layers.
+    """
+    from ..stats import stratified_mean_difference
+
+    out = []
+    by_model: dict = {}
+    for r in rows:
+        by_model.setdefault((r["model"], r["variant"]), []).append(r)
+    for (model, variant), rs in by_model.items():
+        evals = list(dict.fromkeys(r["set"] for r in rs if r["role"] == "eval"))
+        groups = {s: [s] for s in evals}
+        if len(evals) > 1:
+            groups["mean over eval sets"] = evals
+        nb = rs[0]["num_blocks"]
+        layers = sorted({r["layer"] for r in rs})
+        acc = {s: _per([r for r in rs if r["set"] == s]) for s in evals}  # set -> layer -> (N,)
+        prior = {s: next(r["_prior"] for r in rs if r["set"] == s) for s in evals}
+        for g, members in groups.items():
+            curve = {l: float(np.mean([np.nanmean(acc[s][l]) for s in members])) for l in layers}
+            best, last = max(layers, key=lambda l: curve[l]), layers[-1]
+            iv = lambda a, b: stratified_mean_difference([a(s) for s in members], [b(s) for s in members], resamples, seed).to_dict()  # noqa: E731
+            out.append({"model": model, "variant": variant, "set": g, "best_layer": best, "best_depth": best / nb,
+                        "best_acc": curve[best], "last_layer": last, "last_acc": curve[last], "drop_best_to_last": curve[best] - curve[last],
+                        "first_acc": curve[layers[0]], "prior_acc": float(np.mean([np.nanmean(prior[s]) for s in members])),
+                        "drop_interval": iv(lambda s: acc[s][best], lambda s: acc[s][last]),
+                        "best_over_prior": iv(lambda s: acc[s][best], lambda s: prior[s]),
+                        "last_over_prior": iv(lambda s: acc[s][last], lambda s: prior[s])})
+    return out
+
+
+def adapter_deltas(rows: list[dict], summary: list[dict], resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """Base + adapter - base, per model and evaluation set, at the base's best layer and at the last layer (paired)."""
+    from ..stats import stratified_mean_difference
+
+    out = []
+    for s in summary:
+        if s["variant"] != "base":
+            continue
+        rs = [r for r in rows if r["model"] == s["model"] and r["role"] == "eval"]
+        members = list(dict.fromkeys(r["set"] for r in rs)) if s["set"] == "mean over eval sets" else [s["set"]]
+        per = {(r["variant"], r["set"], r["layer"]): r["_acc"] for r in rs}
+        if not any(v == "adapter" for v, _, _ in per):
+            continue
+        for where, layer in (("best", s["best_layer"]), ("last", s["last_layer"])):
+            iv = stratified_mean_difference([per["adapter", m, layer] for m in members], [per["base", m, layer] for m in members],
+                                            resamples, seed)
+            out.append({"model": s["model"], "set": s["set"], "at": where, "layer": layer, **iv.to_dict()})
+    return out
