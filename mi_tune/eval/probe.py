@@ -27,6 +27,7 @@ import numpy as np
 
 from ..config import config_from_dict, flatten, load_config, merge, parse_overrides
 from ..errors import UserError, field_error, log
+from ..modeling import local_device
 from ..plots import probe_adapter, probe_metrics
 from .layer_metrics import METRICS, adapter_deltas, probe_layers, scored_set, summarize
 from .report import print_summary, write_tables
@@ -231,14 +232,14 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
                     t = time.perf_counter()
                     feats[ts.name], hit = cached_array(
                         h.cache_key(adapter_on, ts, suite.max_length),
-                        lambda ts=ts: h.features(seqs[ts.name], adapter_on, suite.batch_size, progress=f"{h.label} {variant}: {ts.name}"),
+                        lambda ts=ts, h=h: h.features(seqs[ts.name], adapter_on, suite.batch_size, progress=f"{h.label} {variant}: {ts.name}"),
                         enabled=suite.cache, folder=cache_folder)
                     timings["features_s"] += time.perf_counter() - t
                     timings["cache_hits"] += int(hit)
                     log(f"{h.label} [{variant}] {ts.name}: features {feats[ts.name].shape} "
                         f"{'from the cache' if hit else f'computed in {time.perf_counter() - t:.1f} s'}")
                 # ---- decoders + metrics ----
-                vrows = probe_layers(feats, sets, layers, h.vocab_size, suite, timings)
+                vrows = probe_layers(feats, sets, layers, h.vocab_size, suite, timings, device=local_device())
                 for r in vrows:
                     r.update({"model": h.label, "variant": variant, "kind": h.kind, "pooling": h.pooling, "decoder": suite.decoder,
                               "num_blocks": h.num_blocks, "depth": r["layer"] / h.num_blocks, "vocab_size": h.vocab_size,

@@ -153,7 +153,7 @@ def read_rows(source, data_root, what: str) -> list[dict]:
 def column(rows: list[dict], field: str, what: str, source) -> list:
     if rows and field not in rows[0]:
         raise UserError(field_error(what, field, f"a column of {describe(source)}: {', '.join(map(str, rows[0]))}",
-                                    f"set the task's field name to one of these"))
+                                    "set the task's field name to one of these"))
     return [r[field] for r in rows]
 
 
