@@ -417,3 +417,42 @@ def test_tracking_logs_each_layer_as_a_step_and_the_plots(tmp_path, monkeypatch)
     keys = {k for _, m in calls["metrics"] for k in m}
     assert "tiny-llama.base/assets/tiny_corpus.jsonl/recoverability_acc" in keys
     assert {"probe.csv", "probe.json", "recoverability_acc.png"} <= set(calls["artifacts"]) and calls["ended"] == "FINISHED"
+
+
+def test_control_task_selectivity_separates_information_from_decoder_capacity():
+    """Synthetic bags: layer 1 = a noisy linear image of the bag, layer 0 = noise. The control decoder (fitted to other
+    sentences' bags) stays at the prior's level on held-out sentences at both layers, so selectivity is large where the layer carries the bag and ~0 where it does not."""
+    import numpy as np
+    import torch
+
+    from mi_tune.eval.layer_metrics import derangement, probe_layers, scored_set, summarize
+    from mi_tune.eval.suites import ProbeSuite
+
+    rng = np.random.default_rng(0)
+    V, D = 80, 48
+    proj = rng.standard_normal((V, D))
+
+    def synth(n):
+        seqs = [list(rng.choice(np.arange(2, V), size=rng.integers(4, 10), replace=False)) for _ in range(n)]
+        bags = np.zeros((n, V))
+        for i, s in enumerate(seqs):
+            bags[i, s] = 1
+        layers = [rng.standard_normal((n, D)), bags @ proj + 0.3 * rng.standard_normal((n, D))]
+        return [[0] + [int(t) for t in s] for s in seqs], np.stack(layers, 1).astype(np.float32)
+
+    (tr_seqs, tr_X), (ev_seqs, ev_X) = synth(400), synth(200)
+    sets = [scored_set("train", "train", tr_seqs, V, [0]), scored_set("ev", "eval", ev_seqs, V, [0], ev_seqs)]
+    rows = probe_layers({"train": tr_X, "ev": ev_X}, sets, [0, 1], V, ProbeSuite(decoder="ridge", control_task=True,
+                                                                                   text_metrics_sentences=20))
+    by = {(r["layer"], r["set"]): r for r in rows}
+    assert by[1, "ev"]["recoverability_acc"] > 0.8 and by[1, "ev"]["selectivity"] > 0.7
+    for layer in (0, 1):  # held out, the control is at the prior's level: it learned nothing about the sentence
+        assert abs(by[layer, "ev"]["control_acc"] - by[layer, "ev"]["prior_acc"]) < 0.01
+        assert by[layer, "train"]["control_acc"] < 0.2  # in sample it only memorises a little (the decoder's capacity)
+    assert abs(by[0, "ev"]["selectivity"]) < 0.02
+    for r in rows:
+        r.update(model="m", variant="base", num_blocks=1)
+    summary = summarize(rows)[0]
+    assert summary["best_layer"] == 1 and summary["selectivity_best"]["low"] > 0.7
+    d = derangement(50, torch.Generator().manual_seed(3))
+    assert sorted(d.tolist()) == list(range(50)) and not (d == torch.arange(50)).any()

@@ -169,24 +169,37 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
     linear = suite.decoder == "ridge"
     rows = []
     t_fit = t_score = 0.0
+
+    def fit(X, Y):
+        if linear:
+            return fit_ridge(X, Y, suite.ridge_lambda, device=device)
+        return fit_bce(X, Y, epochs=suite.bce_epochs, lr=suite.bce_lr, weight_decay=suite.bce_weight_decay,
+                       batch_size=suite.bce_batch_size, seed=suite.seed, device=device)
+
+    gen = torch.Generator().manual_seed(suite.seed + 7919)  # the control's pairing: fixed per set, the same at every layer
+    shuffled = {ss.name: derangement(len(ss.seqs), gen) for ss in sets}
     for c0 in range(0, len(layers), chunk):
         ls = layers[c0: c0 + chunk]
         X = torch.from_numpy(np.ascontiguousarray(feats[train.name][:, ls].transpose(1, 0, 2)))  # (Lc, N, D)
         t = time.perf_counter()
-        if linear:
-            dec = fit_ridge(X, Y, suite.ridge_lambda, device=device)
-        else:
-            dec = fit_bce(X, Y, epochs=suite.bce_epochs, lr=suite.bce_lr, weight_decay=suite.bce_weight_decay,
-                          batch_size=suite.bce_batch_size, seed=suite.seed, device=device)
+        dec = fit(X, Y)
+        ctrl_dec = fit(X, Y[shuffled[train.name]]) if suite.control_task else None
         t_fit += time.perf_counter() - t
         t = time.perf_counter()
         if c0 == 0:
             bags = {ss.name: BagSet.of(ss.bags, dec.active, ss.entropy_bits) for ss in sets}  # same seen ids for every chunk
             prior = {ss.name: prior_per_sentence(bags[train.name].ya, bags[ss.name], vocab_size).numpy() for ss in sets}
+            if ctrl_dec is not None:
+                ctrl_bags = {ss.name: BagSet.of(ss.bags[shuffled[ss.name]], ctrl_dec.active) for ss in sets}
         for j, layer in enumerate(ls):
             probe = InformationProbe(dec, j, feats[train.name][:, layer], bags[train.name], linear)
+            ctrl = InformationProbe(ctrl_dec, j, feats[train.name][:, layer], ctrl_bags[train.name], linear) if ctrl_dec else None
             for ss in sets:
                 m = score_layer(probe, feats[ss.name][:, layer], ss, bags[ss.name], suite.text_metrics_sentences)
+                if ctrl is not None:
+                    c_acc = ctrl.per_sentence(feats[ss.name][:, layer], ctrl_bags[ss.name])["acc"].numpy()
+                    m.update(control_acc=float(np.nanmean(c_acc)), selectivity=m["recoverability_acc"] - float(np.nanmean(c_acc)),
+                             _control_acc=c_acc)
                 extra = {"ridge_lambda": float(dec.lam[j])} if dec.lam is not None else {"ridge_lambda": None}
                 rows.append({"layer": layer, "set": ss.name, "role": ss.role, "sentences": len(ss.seqs),
                              "text_metric_sentences": len(ss.seqs) if suite.text_metrics_sentences is None else min(suite.text_metrics_sentences, len(ss.seqs)),
@@ -198,6 +211,14 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
     return rows
 
 
+def derangement(n: int, gen: torch.Generator) -> torch.Tensor:
+    """A random permutation with no fixed point (n > 1): sentence i is paired with the bag of sentence out[i] != i."""
+    perm = torch.randperm(n, generator=gen)
+    out = torch.empty_like(perm)
+    out[perm] = perm.roll(-1)  # a cycle through a random order
+    return out
+
+
 def _per(rows: list[dict], key: str = "_acc") -> dict:
     return {r["layer"]: r[key] for r in rows}
 
@@ -206,7 +227,8 @@ def summarize(rows: list[dict], resamples: int = 2000, seed: int = 0) -> list[di
     """Per model variant and evaluation set (plus the mean over evaluation sets): best layer vs last layer.
 
     Intervals (paired bootstrap over the set's sentences; for the mean over sets, each set resampled on its own
-    and the per-set means averaged): best - last layer, and the gain over the no-feature prior at both layers.
+    and the per-set means averaged): best - last layer, and the gain over the no-feature prior at both layers; with the
+    control task, also the selectivity (accuracy - control accuracy) at both layers.
     """
     from ..stats import stratified_mean_difference
 
@@ -233,6 +255,10 @@ def summarize(rows: list[dict], resamples: int = 2000, seed: int = 0) -> list[di
                         "drop_interval": iv(lambda s: acc[s][best], lambda s: acc[s][last]),
                         "best_over_prior": iv(lambda s: acc[s][best], lambda s: prior[s]),
                         "last_over_prior": iv(lambda s: acc[s][last], lambda s: prior[s])})
+            if "_control_acc" in rs[0]:  # selectivity (accuracy - control accuracy) at both layers, paired over sentences
+                ctrl = {s: _per([r for r in rs if r["set"] == s], "_control_acc") for s in evals}
+                out[-1].update(selectivity_best=iv(lambda s: acc[s][best], lambda s: ctrl[s][best]),
+                               selectivity_last=iv(lambda s: acc[s][last], lambda s: ctrl[s][last]))
     return out
 
 

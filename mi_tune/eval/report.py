@@ -13,7 +13,8 @@ from .layer_metrics import METRICS
 COLUMNS = ["model", "variant", "kind", "pooling", "decoder", "layer", "num_blocks", "depth", "set", "role", "sentences",
            "text_metric_sentences", "vocab_size", "token_entropy_bits", *METRICS, "cross_entropy_bits", "prior_acc", "q_tilt",
            "ridge_lambda", "source", "adapter"]
-PER_SENTENCE = ("_acc", "_prior")  # row keys holding per-sentence arrays (for the intervals); not written to the tables
+CONTROL_COLUMNS = ["control_acc", "selectivity"]  # written only when the suite ran the control task
+PER_SENTENCE = ("_acc", "_prior", "_control_acc")  # row keys holding per-sentence arrays (for the intervals); not written to the tables
 COUNT_KEYS = ("n_train", "n_test", "n_classes", "n_pairs", "n_samples", "n_seeds", "n_queries", "n_docs", "full_corpus")  # task outputs that are sizes, not metrics
 
 
@@ -24,7 +25,8 @@ COUNT_KEYS = ("n_train", "n_test", "n_classes", "n_pairs", "n_samples", "n_seeds
 def write_tables(out_dir: Path, rows: list[dict], setup: dict, summary: list[dict], deltas: list[dict] | None = None) -> None:
     """probe.csv (one row per model, variant, layer and set) and probe.json (setup, summary, adapter deltas, rows)."""
     with open(out_dir / "probe.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        control = any("selectivity" in r for r in rows)
+        w = csv.DictWriter(f, fieldnames=COLUMNS + (CONTROL_COLUMNS if control else []), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     plain = [{k: v for k, v in r.items() if k not in PER_SENTENCE} for r in rows]
@@ -46,6 +48,13 @@ def print_summary(summary: list[dict], deltas: list[dict] | None = None) -> None
         name = s["model"] if s["variant"] == "base" else f"{s['model']} + adapter"
         print(f"{name[-36:]:<36} {s['set'][:20]:<20} {s['prior_acc']:>7.4f} {s['first_acc']:>8.4f} {s['best_layer']:>6} ({s['best_depth']:.2f})"
               f"     {s['best_acc']:>7.4f} {s['last_acc']:>7.4f} {_iv(s['drop_interval']):>28} {_iv(s['last_over_prior']):>28}")
+    if any("selectivity_best" in s for s in summary):
+        print("\nselectivity = accuracy - control accuracy (the same decoder fitted to bags of other sentences)")
+        for s in summary:
+            if "selectivity_best" in s:
+                name = s["model"] if s["variant"] == "base" else f"{s['model']} + adapter"
+                print(f"{name[-36:]:<36} {s['set'][:20]:<20} best layer {s['best_layer']:>3}: {_iv(s['selectivity_best'])}   "
+                      f"last layer {s['last_layer']:>3}: {_iv(s['selectivity_last'])}")
     if deltas:
         print("\nbase + adapter - base (same sentences, same layer)")
         for d in deltas:

@@ -80,6 +80,10 @@ class ProbeSuite:
     bce_batch_size: int = 256
     bce_weight_decay: float = 0.0  # the paper's decoder is unregularised
     text_metrics_sentences: Optional[int] = 200  # BLEU/ROUGE on the first N sentences of each set; null = all (slow)
+    # control task (selectivity): the same decoder fitted on the same features to bags of OTHER sentences (a fixed
+    # seeded shuffle of each set's bags), so it can only learn what needs no information about the sentence;
+    # selectivity = accuracy - control accuracy per layer. Doubles the decoder fits and the scoring.
+    control_task: bool = False
     batch_size: int = 32  # sentences per forward pass
     cache: bool = True  # reuse features stored under cache_dir
     cache_dir: Optional[str] = None  # default: $MI_TUNE_CACHE/features (~/.cache/mi_tune/features)
