@@ -104,3 +104,13 @@ def test_log_prints_without_torch():
     from mi_tune import errors, modeling
 
     assert modeling.log is errors.log  # older imports (from .modeling import log) still work
+
+
+def test_readme_file_tree_names_every_module():
+    """The README's file tree is complete: every module of mi_tune/ (and of mi_tune/eval/) is named in it."""
+    readme = (ROOT / "README.md").read_text()
+    tree = readme[readme.index("## Files"):]
+    tree = tree[: tree.index("\n## ", 1)]
+    missing = [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.glob("*.py")) + sorted((PACKAGE / "eval").glob("*.py"))
+               if p.name not in ("__init__.py", "__main__.py") and p.name not in tree]
+    assert not missing, f"README ## Files does not name: {missing}"
