@@ -211,7 +211,7 @@ def build_card(run_dir: Path, sources: dict[str, Path], repo_id: str | None = No
 
     # ---- body ----
     load_id = repo_id or str(run_dir)
-    local_base = repo_id is None and Path(source).expanduser().is_dir()  # the run folder's card, on this machine
+    local_base = repo_id is None and Path(source).expanduser().exists()  # the run folder's card, on this machine
     name = load_id.rstrip("/").split("/")[-1]
     final = f"{n_blocks - 1}" if isinstance(n_blocks, int) else "L-1"
     adapted = f"0..{n_blocks - 2}" if isinstance(n_blocks, int) else "0..L-2"

@@ -89,7 +89,7 @@ class LoraSettings:
 class HeadSettings:
     learning_rate: float = 1e-3  # the head's own learning rate (adapters use training.learning_rate)
     weight_decay: float = 0.0
-    init: Literal["fit", "prior", "zeros"] = "fit"  # fit: warm start, a BCE decoder fitted on frozen base features (see train.py)
+    init: Literal["fit", "prior", "zeros"] = "fit"  # fit: warm start, a BCE decoder fitted on frozen base features (head.warm_start)
     warm_start_sentences: int = 512  # training sentences for the `fit` warm start
     warm_start_epochs: int = 20
     # corpus: a column per token of the training text + one column shared by all tokens it never contains

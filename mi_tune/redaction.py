@@ -25,8 +25,11 @@ SECRET_KEY = re.compile(r"(^|[._-])([a-z0-9]*_)?(token|password|passwd|secret|ap
 URI_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 # In text files (YAML/JSON), the value of a credential-looking key, whatever the environment holds at upload time
 # (a `sync` may run in a shell without the secret set): `hub_token: hf_...` -> `hub_token: '***'`.
-YAML_SECRET = re.compile(r"(?im)^(\s*[\w.-]*(?:token|password|passwd|secret|api_key|access_key)\s*:[ \t]+)(?!(?:null|~|''|\"\")\s*$)(\S.*)$")
-JSON_SECRET = re.compile(r'(?i)("[\w.-]*(?:token|password|passwd|secret|api_key|access_key)"\s*:\s*)"[^"]*"')
+# A tokenizer's special tokens (eos_token: "</s>") are not credentials: a pushed tokenizer_config.json must stay usable.
+_NOT_SECRET = r"(?!(?:bos|eos|pad|unk|sep|cls|mask|additional_special)_token\b)"
+YAML_SECRET = re.compile(r"(?im)^(\s*" + _NOT_SECRET + r"[\w.-]*(?:token|password|passwd|secret|api_key|access_key)\s*:[ \t]+)"
+                         r"(?!(?:null|~|''|\"\")\s*$)(\S.*)$")
+JSON_SECRET = re.compile(r'(?i)("' + _NOT_SECRET + r'[\w.-]*(?:token|password|passwd|secret|api_key|access_key)"\s*:\s*)"[^"]*"')
 
 
 def strip_userinfo(uri: str) -> str:

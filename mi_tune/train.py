@@ -13,24 +13,13 @@ import argparse
 import json
 import sys
 
-from accelerate import PartialState
-from transformers import set_seed
-
-from .arguments import checkpointing, training_arguments
-from .card import run_readme
-from .check import base_features, check_pools, flat_metrics, heldout_check, ood_sets, print_check
 from .config import Recipe, dump_recipe, flatten, load_recipe
-from .data import PadCollator, load_corpus, tokenize_corpus
 from .errors import cli_main, log
-from .hub import push_run
-from .mlflow_model import run_tags
-from .modeling import adapter_plan, add_adapters, load_model, resolve_dtype
-from .runs import CHECKPOINTS_DIR, INFO_FILE, METRICS_FILE, README_FILE, RECIPE_FILE, TRACKING_FILE, atomic_write, open_run_dir
-from .tracking import NullTracker, ensure_params, log_run_outputs, start_tracking
-from .trainer import RecoverabilityModel, RecoverabilityTrainer, TrackingCallback, write_marker
 
 
 def dry_run(recipe: Recipe) -> None:
+    from .modeling import adapter_plan  # reads the config only: no weights
+
     print("# resolved recipe")
     print(dump_recipe(recipe))
     plan = adapter_plan(recipe.model, recipe.lora)
@@ -45,7 +34,7 @@ def dry_run(recipe: Recipe) -> None:
 
 
 @cli_main
-def main(argv: list[str] | None = None) -> RecoverabilityTrainer | None:
+def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(prog="python -m mi_tune.train", description=__doc__.split("\n\n")[1])
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/smollm2-135m-cpu.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.max_steps=20 (win over the file)")
@@ -56,6 +45,20 @@ def main(argv: list[str] | None = None) -> RecoverabilityTrainer | None:
     recipe = load_recipe(a.recipe, a.overrides)
     if a.dry_run:
         return dry_run(recipe)
+    # the training stack, once the recipe is valid (a typo or --help answers without importing torch)
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from .arguments import checkpointing, training_arguments
+    from .card import run_readme
+    from .check import base_features, check_pools, flat_metrics, heldout_check, ood_sets, print_check
+    from .data import PadCollator, load_corpus, tokenize_corpus
+    from .hub import push_run
+    from .mlflow_model import run_tags
+    from .modeling import add_adapters, load_model, resolve_dtype
+    from .runs import CHECKPOINTS_DIR, INFO_FILE, METRICS_FILE, README_FILE, RECIPE_FILE, TRACKING_FILE, atomic_write, open_run_dir
+    from .tracking import NullTracker, ensure_params, log_run_outputs, start_tracking
+    from .trainer import RecoverabilityModel, RecoverabilityTrainer, TrackingCallback, resolve_objective, write_marker
 
     # ---- run folder (TrainingArguments and check sets validated first: a bad value fails before anything is written) ----
     run_dir = recipe.run_dir
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> RecoverabilityTrainer | None:
         set_seed(recipe.seed)
         loaded = load_model(recipe.model, for_training=True)
         write_marker("startup")  # test hook (MI_TUNE_TEST_MARKERS): mi_tune and the model are loaded, no step taken
+        layer, pooling = resolve_objective(recipe, loaded)  # a wrong layer index fails before any data is read
         peft_model = add_adapters(loaded, recipe.lora, gradient_checkpointing=checkpointing(recipe.training))
         tok = loaded.tokenizer
 
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> RecoverabilityTrainer | None:
         eval_ds = tokenize_corpus(tok, corpus.eval[:eval_cap], recipe.data.max_length, corpus.stats, "eval")
 
         # ---- head and objective ----
-        model = RecoverabilityModel.from_recipe(recipe, loaded, peft_model, train_ds.seqs)
+        model = RecoverabilityModel.from_recipe(recipe, loaded, peft_model, train_ds.seqs, layer, pooling)
         head, exclude = model.head, model.exclude
 
         # ---- base features, once: the head's warm start and the base row of the final check ----

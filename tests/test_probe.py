@@ -419,7 +419,7 @@ def test_tracking_logs_each_layer_as_a_step_and_the_plots(tmp_path, monkeypatch)
     assert {"probe.csv", "probe.json", "recoverability_acc.png"} <= set(calls["artifacts"]) and calls["ended"] == "FINISHED"
 
 
-def test_control_task_selectivity_separates_information_from_decoder_capacity():
+def test_control_task_selectivity_separates_information_from_decoder_capacity(capsys):
     """Synthetic bags: layer 1 = a noisy linear image of the bag, layer 0 = noise. The control decoder (fitted to other
     sentences' bags) stays at the prior's level on held-out sentences at both layers, so selectivity is large where the layer carries the bag and ~0 where it does not."""
     import numpy as np
@@ -454,5 +454,10 @@ def test_control_task_selectivity_separates_information_from_decoder_capacity():
         r.update(model="m", variant="base", num_blocks=1)
     summary = summarize(rows)[0]
     assert summary["best_layer"] == 1 and summary["selectivity_best"]["low"] > 0.7
+    assert 0 < summary["control_train_acc_best"] < 0.2
+    from mi_tune.eval.report import print_summary
+
+    print_summary([summary])
+    assert "control, in sample (capacity)" in capsys.readouterr().out
     d = derangement(50, torch.Generator().manual_seed(3))
     assert sorted(d.tolist()) == list(range(50)) and not (d == torch.arange(50)).any()

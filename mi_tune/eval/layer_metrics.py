@@ -178,12 +178,13 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
 
     gen = torch.Generator().manual_seed(suite.seed + 7919)  # the control's pairing: fixed per set, the same at every layer
     shuffled = {ss.name: derangement(len(ss.seqs), gen) for ss in sets}
+    Y_ctrl = Y[shuffled[train.name]] if suite.control_task else None  # (N, V) once, not per chunk of layers
     for c0 in range(0, len(layers), chunk):
         ls = layers[c0: c0 + chunk]
         X = torch.from_numpy(np.ascontiguousarray(feats[train.name][:, ls].transpose(1, 0, 2)))  # (Lc, N, D)
         t = time.perf_counter()
         dec = fit(X, Y)
-        ctrl_dec = fit(X, Y[shuffled[train.name]]) if suite.control_task else None
+        ctrl_dec = fit(X, Y_ctrl) if suite.control_task else None
         t_fit += time.perf_counter() - t
         t = time.perf_counter()
         if c0 == 0:
@@ -212,7 +213,9 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
 
 
 def derangement(n: int, gen: torch.Generator) -> torch.Tensor:
-    """A random permutation with no fixed point (n > 1): sentence i is paired with the bag of sentence out[i] != i."""
+    """A random permutation with no fixed point: sentence i is paired with the bag of sentence out[i] != i."""
+    if n < 2:
+        raise ValueError(f"the control task pairs each sentence with another one's bag: needs >= 2 sentences per set, got {n}")
     perm = torch.randperm(n, generator=gen)
     out = torch.empty_like(perm)
     out[perm] = perm.roll(-1)  # a cycle through a random order
@@ -257,8 +260,10 @@ def summarize(rows: list[dict], resamples: int = 2000, seed: int = 0) -> list[di
                         "last_over_prior": iv(lambda s: acc[s][last], lambda s: prior[s])})
             if "_control_acc" in rs[0]:  # selectivity (accuracy - control accuracy) at both layers, paired over sentences
                 ctrl = {s: _per([r for r in rs if r["set"] == s], "_control_acc") for s in evals}
+                train_ctrl = {r["layer"]: r["control_acc"] for r in rs if r["role"] == "train"}
                 out[-1].update(selectivity_best=iv(lambda s: acc[s][best], lambda s: ctrl[s][best]),
-                               selectivity_last=iv(lambda s: acc[s][last], lambda s: ctrl[s][last]))
+                               selectivity_last=iv(lambda s: acc[s][last], lambda s: ctrl[s][last]),
+                               control_train_acc_best=train_ctrl.get(best), control_train_acc_last=train_ctrl.get(last))
     return out
 
 

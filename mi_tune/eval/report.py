@@ -49,12 +49,14 @@ def print_summary(summary: list[dict], deltas: list[dict] | None = None) -> None
         print(f"{name[-36:]:<36} {s['set'][:20]:<20} {s['prior_acc']:>7.4f} {s['first_acc']:>8.4f} {s['best_layer']:>6} ({s['best_depth']:.2f})"
               f"     {s['best_acc']:>7.4f} {s['last_acc']:>7.4f} {_iv(s['drop_interval']):>28} {_iv(s['last_over_prior']):>28}")
     if any("selectivity_best" in s for s in summary):
-        print("\nselectivity = accuracy - control accuracy (the same decoder fitted to bags of other sentences)")
+        print("\nselectivity = accuracy - control accuracy (the same decoder fitted to bags of other sentences; held out the "
+              "control sits at the prior's level, in sample it shows what the decoder can memorise)")
         for s in summary:
             if "selectivity_best" in s:
                 name = s["model"] if s["variant"] == "base" else f"{s['model']} + adapter"
                 print(f"{name[-36:]:<36} {s['set'][:20]:<20} best layer {s['best_layer']:>3}: {_iv(s['selectivity_best'])}   "
-                      f"last layer {s['last_layer']:>3}: {_iv(s['selectivity_last'])}")
+                      f"last layer {s['last_layer']:>3}: {_iv(s['selectivity_last'])}   control, in sample (capacity): "
+                      f"{s['control_train_acc_best']:.4f} / {s['control_train_acc_last']:.4f}")
     if deltas:
         print("\nbase + adapter - base (same sentences, same layer)")
         for d in deltas:

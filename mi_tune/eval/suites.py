@@ -80,9 +80,13 @@ class ProbeSuite:
     bce_batch_size: int = 256
     bce_weight_decay: float = 0.0  # the paper's decoder is unregularised
     text_metrics_sentences: Optional[int] = 200  # BLEU/ROUGE on the first N sentences of each set; null = all (slow)
-    # control task (selectivity): the same decoder fitted on the same features to bags of OTHER sentences (a fixed
-    # seeded shuffle of each set's bags), so it can only learn what needs no information about the sentence;
-    # selectivity = accuracy - control accuracy per layer. Doubles the decoder fits and the scoring.
+    # control task: the same decoder fitted on the same features to the bags of OTHER sentences (a fixed seeded
+    # derangement per set). Held out it can only reach what needs no information about the sentence (the prior, minus
+    # what fitting noise costs), so selectivity = accuracy - control accuracy is the gain over that floor for this
+    # decoder at this layer; its accuracy on its own training sentences measures the decoder's capacity to memorise
+    # (printed as "control, in sample"). A per-type relabelling of token ids (Hewitt & Liang's control) is not used:
+    # for a bag-of-tokens target it is a linear image of the real bag, as decodable as the task itself.
+    # Doubles the decoder fits and the scoring.
     control_task: bool = False
     batch_size: int = 32  # sentences per forward pass
     cache: bool = True  # reuse features stored under cache_dir
