@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import gguf_cache
 from .config import LoraSettings, ModelConfig
 from .errors import UserError, field_error, log  # log lives in errors.py (no torch); `from .modeling import log` still works
 from .sources import ModelLocation, resolve_model
@@ -61,14 +62,26 @@ def local_device() -> torch.device:
                     f"Fix: launch at most {n} processes (accelerate launch --num_processes {n}).")
 
 
+def pretrained_source(loc: ModelLocation, weights: bool = False) -> tuple[str, dict]:
+    """What ``from_pretrained`` reads for ``loc``: a local GGUF's converted folder (``gguf_cache``, converted on first
+    use; ``weights`` converts the weights too), else the location itself with its revision and GGUF file name.
+    Whatever is read, the loaded objects are named by ``loc.path`` (peft records it as base_model_name_or_path)."""
+    folder = gguf_cache.hf_folder(loc, weights)
+    if folder is not None:
+        return str(folder), {}
+    return loc.path, {"revision": loc.revision, **({"gguf_file": loc.gguf_file} if loc.gguf_file else {})}
+
+
 def load_config(cfg: ModelConfig):
     """The model's transformers config, without weights (used by --dry-run)."""
     from transformers import AutoConfig
 
     loc = resolve_model(cfg.source, cfg.revision, cfg.gguf_file)
     try:
-        kwargs = {"gguf_file": loc.gguf_file} if loc.gguf_file else {}
-        return AutoConfig.from_pretrained(loc.path, revision=loc.revision, trust_remote_code=cfg.trust_remote_code, **kwargs), loc
+        path, kwargs = pretrained_source(loc)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+        config.name_or_path = loc.path
+        return config, loc
     except OSError as exc:
         raise UserError(
             f"model.source: could not read the config of {cfg.source!r} ({str(exc).splitlines()[0]}). Allowed: a Hub id "
@@ -138,8 +151,9 @@ def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
 def load_tokenizer(loc: ModelLocation, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    kwargs = {"gguf_file": loc.gguf_file} if loc.gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(loc.path, revision=loc.revision, trust_remote_code=trust_remote_code, **kwargs)
+    path, kwargs = pretrained_source(loc)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    tok.name_or_path = loc.path
     if tok.pad_token_id is None:
         # Pad positions are masked out of pooling and targets, so any id works; eos is the convention.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
@@ -159,9 +173,7 @@ def load_model(cfg: ModelConfig, for_training: bool = False) -> LoadedModel:
         log("trust_remote_code is ON: code from the model repository will run on this machine")
     qconf = quantization_config(cfg, dtype)
     device = local_device()
-    kwargs = dict(revision=loc.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
-    if loc.gguf_file:
-        kwargs["gguf_file"] = loc.gguf_file
+    kwargs = dict(trust_remote_code=cfg.trust_remote_code, dtype=dtype)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if qconf is not None:
@@ -170,14 +182,16 @@ def load_model(cfg: ModelConfig, for_training: bool = False) -> LoadedModel:
     cls = AutoModelForCausalLM if kind == "decoder" else AutoModel
     log(f"loading {cfg.source} as {cls.__name__} ({kind}, {num_blocks_of(config)} blocks)")
     try:
+        path, source_kwargs = pretrained_source(loc, weights=True)
+        kwargs.update(source_kwargs)
         try:
-            model = cls.from_pretrained(loc.path, **kwargs)
+            model = cls.from_pretrained(path, **kwargs)
         except ValueError as exc:  # sdpa, our default, is missing for some architectures (MPNet); eager computes the same
             if kwargs.get("attn_implementation") != "sdpa" or "scaled_dot_product_attention" not in str(exc):
                 raise
             log(f"model.attn_implementation: {config.model_type} has no sdpa attention in transformers; using eager (same result)")
             kwargs["attn_implementation"] = "eager"
-            model = cls.from_pretrained(loc.path, **kwargs)
+            model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "attn_implementation" in str(exc) or "does not support" in str(exc):
@@ -187,6 +201,7 @@ def load_model(cfg: ModelConfig, for_training: bool = False) -> LoadedModel:
                         f"the revision, and that the files are complete.") from None
     if qconf is None:
         model.to(device)
+    model.name_or_path = model.config.name_or_path = loc.path
     model.config.use_cache = False
     tok = load_tokenizer(loc, cfg.trust_remote_code)
     return LoadedModel(model, tok, kind, num_blocks_of(config), loc, dtype, device)
