@@ -160,7 +160,7 @@ def _convert_weights(loc: ModelLocation, folder: Path) -> None:
     log(f"{loc.spec}: de-quantizing the GGUF weights once into {folder / WEIGHTS} (float32)")
     model = cls.from_pretrained(loc.path, gguf_file=loc.gguf_file, config=config, dtype=torch.float32)
     if getattr(model, "generation_config", None) is not None:  # as the GGUF load builds it (from a folder, it would be rebuilt from config.json)
-        _write_atomically(folder / GENERATION, lambda tmp: model.generation_config.to_json_file(tmp, use_diff=True))
+        _write_atomically(folder / GENERATION, lambda tmp, m=model: m.generation_config.to_json_file(tmp, use_diff=True))
     tensors, seen = {}, set()
     for name, tensor in model.state_dict().items():
         ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
