@@ -176,9 +176,11 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
         return fit_bce(X, Y, epochs=suite.bce_epochs, lr=suite.bce_lr, weight_decay=suite.bce_weight_decay,
                        batch_size=suite.bce_batch_size, seed=suite.seed, device=device)
 
-    gen = torch.Generator().manual_seed(suite.seed + 7919)  # the control's pairing: fixed per set, the same at every layer
-    shuffled = {ss.name: derangement(len(ss.seqs), gen) for ss in sets}
-    Y_ctrl = Y[shuffled[train.name]] if suite.control_task else None  # (N, V) once, not per chunk of layers
+    shuffled, Y_ctrl = {}, None
+    if suite.control_task:  # the control's pairing: fixed per set, the same at every layer
+        gen = torch.Generator().manual_seed(suite.seed + 7919)
+        shuffled = {ss.name: derangement(len(ss.seqs), gen) for ss in sets}
+        Y_ctrl = Y[shuffled[train.name]]  # (N, V) once, not per chunk of layers
     for c0 in range(0, len(layers), chunk):
         ls = layers[c0: c0 + chunk]
         X = torch.from_numpy(np.ascontiguousarray(feats[train.name][:, ls].transpose(1, 0, 2)))  # (Lc, N, D)
