@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+from .. import check_report
 from ..stats import Interval
 from .layer_metrics import METRICS
 
@@ -35,7 +36,8 @@ def write_tables(out_dir: Path, rows: list[dict], setup: dict, summary: list[dic
 
 
 def _iv(d: dict) -> str:
-    return f"{d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" + ("*" if d["excludes_zero"] else " ")
+    """``check_report.fmt_interval`` padded to one width whether or not the ``*`` is there (aligned columns)."""
+    return check_report.fmt_interval(d) + ("" if d["excludes_zero"] else " ")
 
 
 def print_summary(summary: list[dict], deltas: list[dict] | None = None) -> None:
