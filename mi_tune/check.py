@@ -51,7 +51,7 @@ def ood_sets(recipe: Recipe) -> list[OodSet]:
                          config_name=spec.get("config_name"), min_words=recipe.data.min_words, unit=recipe.data.unit)
         name = spec.get("name") or Path(spec["source"]).parent.name + "/" + Path(spec["source"]).stem
         texts = read_texts(spec["source"], cfg, what, cfg.split)
-        random.Random(f"{recipe.seed}-{name}").shuffle(texts)
+        random.Random(f"{recipe.data.shuffle_seed}-{name}").shuffle(texts)  # the data's seed, not training's: seeds score the same sentences
         out.append(OodSet(name, spec["source"], texts[: recipe.check.ood_sentences], texts))
         log(f"check: out-of-domain set {name!r}: {len(out[-1].texts)} of {len(texts)} units from {spec['source']}")
     return out

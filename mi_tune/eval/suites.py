@@ -88,6 +88,9 @@ class ProbeSuite:
     # for a bag-of-tokens target it is a linear image of the real bag, as decodable as the task itself.
     # Doubles the decoder fits and the scoring.
     control_task: bool = False
+    # learning curve: the decoders refitted on the first n training sentences for each n (features are reused: no
+    # forward pass), scored on the evaluation sets; shows whether train_sentences is enough (the curve has flattened)
+    learning_curve: list[int] = field(default_factory=list)
     batch_size: int = 32  # sentences per forward pass
     cache: bool = True  # reuse features stored under cache_dir
     cache_dir: Optional[str] = None  # default: $MI_TUNE_CACHE/features (~/.cache/mi_tune/features)
@@ -103,6 +106,8 @@ class ProbeSuite:
         require(errors, bool(self.train.source), "train.source", self.train.source, "a data file/folder or a datasets Hub name",
                 "set train.source, e.g. dbpedia14/train_sample.jsonl")
         require(errors, bool(self.eval), "eval", self.eval, "a list of at least one evaluation set", "add `eval: [{source: ...}]`")
+        require(errors, all(isinstance(n, int) and n >= 2 for n in self.learning_curve), "learning_curve", self.learning_curve,
+                "a list of training-set sizes, each >= 2", "write e.g. learning_curve: [250, 500, 1000, 2000, 4000]")
         for i, d in enumerate(self.eval):
             require(errors, bool(d.source), f"eval[{i}].source", d.source, "a data file/folder or a datasets Hub name", "set the source")
         require(errors, self.layers == "all" or isinstance(self.layers, list), "layers", self.layers,
@@ -159,6 +164,10 @@ class DownstreamSuite:
     clustering_seeds: int = 5  # k-means runs per clustering task (mean and std reported)
     bootstrap_resamples: int = RESAMPLES  # paired bootstrap draws of a task's items behind each Δ's 95% interval
     clustering_resamples: int = CLUSTERING_RESAMPLES  # fewer for clustering: each draw refits k-means clustering_seeds times per model
+    # training-free baselines, extra columns of the base model (no adapter) at the same layer: mean = mean pooling (skipped
+    # when the comparison already mean-pools); echo = each text fed twice, mean over the second copy (it has seen the whole
+    # text once; for decoders). --baseline overrides.
+    baselines: list[Literal["mean", "echo"]] = field(default_factory=list)
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
 
     def validate(self, errors: list[str]) -> None:
@@ -173,3 +182,5 @@ class DownstreamSuite:
         require(errors, self.bootstrap_resamples >= 50 and self.clustering_resamples >= 50, "bootstrap_resamples/clustering_resamples",
                 (self.bootstrap_resamples, self.clustering_resamples), "integers >= 50 (fewer draws cannot place the ends of a 95% interval)",
                 f"use e.g. {RESAMPLES}, {CLUSTERING_RESAMPLES}")
+        require(errors, len(set(self.baselines)) == len(self.baselines), "baselines", self.baselines, "each of mean, echo at most once",
+                "list each baseline once, e.g. baselines: [mean, echo]")
