@@ -86,7 +86,7 @@ def test_baseline_columns_end_to_end(tiny_suite, tiny_adapter, tmp_path, monkeyp
     assert cols[1]["load_s"] == cols[2]["load_s"] == 0.0  # the base's loaded model is reused
     assert all(c["texts_embedded"] > 0 for c in cols)  # echo's cache key differs from mean's (and from last's)
     table = (out / "table.md").read_text()
-    for name, t in res["tasks"].items():
+    for t in res["tasks"].values():
         main_metric = t["main"]
         assert set(t["interval"]) == {"base (mean)", "base (echo)", "tiny-run"}
         vs = t["interval_vs_baselines"]["tiny-run"]

@@ -323,7 +323,7 @@ def evaluate(model=None, adapters=(), control: str | None = None, suite: str | P
             layer = check_layer(layer if layer is not None else default_layer, ready.loaded.num_hidden_states, model_name)
             pooling = pooling or default_pool
             log(f"embedding: layer {layer} of {ready.loaded.num_hidden_states - 1}, {pooling} pooling, for every column"
-                + (" but the baselines" if baselines else ""))
+                + (" (the baselines: same layer, their own pooling)" if baselines else ""))
             if ECHO in baselines and ready.loaded.kind != "decoder":
                 log(f"baseline echo: {model_name} is an encoder, whose tokens already see the whole text; echo is meant for decoders")
             group += baseline_columns(baselines, pooling)
