@@ -53,12 +53,21 @@ def main() -> None:
     sizes = sorted(int(x) for x in a.train_sizes.split(","))
     root = Path(a.data_root)
     train_rows, test_rows = read_rows("imdb/train_sample.jsonl", root, "train"), read_rows("imdb/test_sample.jsonl", root, "test")
-    # one seeded, stratified order of the training pool: the first n of it for every n (nested samples)
+    # one seeded order of a stratified training pool, classes interleaved: the first n of it for every n (nested and
+    # balanced samples)
     pool = subsample(len(train_rows), sizes[-1], a.seed, [r["label"] for r in train_rows])
     pool = np.random.default_rng(a.seed).permutation(pool)
+    by_class = [[i for i in pool if train_rows[i]["label"] == c] for c in sorted({train_rows[i]["label"] for i in pool})]
+    pool = [i for group in zip(*by_class) for i in group]
     train_texts, train_y = [train_rows[i]["text"] for i in pool], np.array([train_rows[i]["label"] for i in pool])
     keep = subsample(len(test_rows), a.test, a.seed, [r["label"] for r in test_rows])
     test_texts, test_y = [test_rows[i]["text"] for i in keep], np.array([test_rows[i]["label"] for i in keep])
+    # the downstream suite's own IMDB split (eval/downstream-cpu.yaml: 100 / 100), as a reference row
+    s_train = subsample(len(train_rows), 100, a.seed, [r["label"] for r in train_rows])
+    s_test = subsample(len(test_rows), 100, a.seed, [r["label"] for r in test_rows])
+    splits = {"train": train_texts, "test": test_texts, "suite_train": [train_rows[i]["text"] for i in s_train],
+              "suite_test": [test_rows[i]["text"] for i in s_test]}
+    suite_y = {"train": np.array([train_rows[i]["label"] for i in s_train]), "test": np.array([test_rows[i]["label"] for i in s_test])}
 
     folder = resolve_adapter(a.adapter)
     model_cfg = model_config_for(None, adapter_recipe(folder), folder)
@@ -68,7 +77,7 @@ def main() -> None:
     for label, adapter in columns.items():
         ready = load_ready(model_cfg, adapter)
         tokenizer = ready.tokenizer
-        for split, texts in (("train", train_texts), ("test", test_texts)):
+        for split, texts in splits.items():
             key = embedding_key("downstream-embeddings", ready.loaded.location, texts, adapter=adapter_identity(adapter),
                                 dtype=str(ready.loaded.dtype), layer=layer, pooling=pooling, max_length=a.max_length)
             emb[label, split], _ = cached_array(key, lambda t=texts, r=ready, s=split, lb=label: embed_texts(
@@ -81,6 +90,10 @@ def main() -> None:
                "by_train_size": {}}
     print(f"IMDB, first {a.max_length} tokens, {len(test_texts)} test reviews; layer {layer}, {pooling} pooling; "
           f"[..] = paired bootstrap 95% interval over test reviews")
+    suite_correct = {label: (predict(emb[label, "suite_train"], suite_y["train"], emb[label, "suite_test"], a.seed) == suite_y["test"])
+                     .astype(float) for label in columns}
+    results["suite_split_100_100"] = {k: float(v.mean()) for k, v in suite_correct.items()}
+    print("the suite's own split (100 / 100): " + ", ".join(f"{k} {v:.3f}" for k, v in results["suite_split_100_100"].items()))
     for n in sizes:
         correct = {}
         for label in columns:

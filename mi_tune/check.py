@@ -165,7 +165,7 @@ def heldout_check(model, tokenizer, base: dict, recipe: Recipe, head_cfg, exclud
     results["setup"] = {"decoder": s.decoder, "train_sentences": n_tr, "layer": head_cfg.layer, "pooling": head_cfg.pooling,
                         "entropy_sentences": {name: len(seqs) for name, seqs in (pools or {}).items()},
                         "prior_sentences": len(prior_seqs) if prior_seqs else n_tr,
-                        "vocab_size": head_cfg.vocab_size, "sets": sets, "bootstrap": f"paired, 95% percentile, {s.bootstrap_resamples} "
+                        "vocab_size": head_cfg.vocab_size, "sets": sets, "ood_sample_seed": recipe.data.shuffle_seed, "bootstrap": f"paired, 95% percentile, {s.bootstrap_resamples} "
                         f"resamples of sentences (numpy)", **(documents or {})}
     return results
 
@@ -254,7 +254,13 @@ def compare_checks(run_a: str | Path, run_b: str | Path, resamples: int = 2000, 
                                         f"run `python -m mi_tune.check {run}` first"))
         checks.append(chk)
     a, b = checks
-    keys = ("train_sentences", "layer", "pooling", "decoder", "sets")
+    old = [str(r) for r, c in zip((run_a, run_b), checks) if "ood_sample_seed" not in c["setup"] and len(c["setup"]["sets"]) > 1]
+    if old and len(old) < 2:
+        raise UserError(f"--against: the check of {old[0]} drew its out-of-domain sentences with the training seed (before "
+                        f"mi_tune drew them with data.shuffle_seed, so that seeds of one recipe score the same sentences); the "
+                        f"other run's check did not. Fix: re-run `python -m mi_tune.check {old[0]}` (same recipe and split; the old "
+                        f"check is kept under heldout_check_previous), then compare again.")
+    keys = ("train_sentences", "layer", "pooling", "decoder", "sets", "ood_sample_seed")
     if any(a["setup"].get(k) != b["setup"].get(k) for k in keys) or any(a[s]["sentences"] != b[s]["sentences"] for s in a["setup"]["sets"]):
         raise UserError(f"--against: {run_a} and {run_b} did not score the same sentences the same way (setup differs in "
                         f"{[k for k in keys if a['setup'].get(k) != b['setup'].get(k)]}). Allowed: two runs of one recipe that differ "

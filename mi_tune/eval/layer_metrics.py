@@ -289,24 +289,35 @@ def adapter_deltas(rows: list[dict], summary: list[dict], resamples: int = 2000,
     return out
 
 
-def learning_curve(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: list[int], vocab_size: int, suite: ProbeSuite,
+def curve_layers(rows: list[dict]) -> list[int]:
+    """The layers a learning curve is drawn at: the best (mean accuracy over the evaluation sets, as ``summarize``
+    picks it) and the last layer of one model's rows."""
+    ev = [r for r in rows if r["role"] == "eval"]
+    layers = sorted({r["layer"] for r in ev})
+    mean = lambda l: float(np.mean([np.nanmean(r["_acc"]) for r in ev if r["layer"] == l]))  # noqa: E731
+    return sorted({max(layers, key=mean), layers[-1]})
+
+
+def learning_curve(feats: dict[str, np.ndarray], sets: list[ScoredSet], full_rows: list[dict], vocab_size: int, suite: ProbeSuite,
                    sizes: list[int], device=None) -> list[dict]:
-    """The decoders refitted on the first n training sentences for each n in ``sizes`` (features reused), scored on the
-    evaluation sets: one row per (n, layer, eval set) with accuracy, prior and the per-sentence accuracy ``_acc``.
-    Sizes above the training set are dropped; no control task, no BLEU/ROUGE (accuracy is what the curve is about)."""
+    """The decoders refitted on the first n training sentences for each n in ``sizes`` (features reused), at the best and
+    the last layer of ``full_rows`` (the probe's own rows on all training sentences: the curve's last point), scored on
+    the evaluation sets: one row per (n, layer, eval set) with accuracy, prior and the per-sentence accuracy ``_acc``.
+    Sizes not below the training set are dropped; no control task, no BLEU/ROUGE (accuracy is what the curve is about)."""
     from dataclasses import replace
 
     train = next(s for s in sets if s.role == "train")
+    layers = curve_layers(full_rows)
     quick = replace(suite, control_task=False, text_metrics_sentences=0)
+    keep = lambda r, n: {"n_train": n, "layer": r["layer"], "set": r["set"], "recoverability_acc": r["recoverability_acc"],  # noqa: E731
+                         "prior_acc": r["prior_acc"], "_acc": r["_acc"]}
     out = []
-    for n in sorted({n for n in sizes if n <= len(train.seqs)}):
+    for n in sorted({n for n in sizes if n < len(train.seqs)}):
         sub = replace(train, seqs=train.seqs[:n], sentences=train.sentences[:n], bags=train.bags[:n])
         sub_feats = {**feats, train.name: feats[train.name][:n]}
-        for r in probe_layers(sub_feats, [sub, *(s for s in sets if s.role == "eval")], layers, vocab_size, quick, device=device):
-            if r["role"] == "eval":
-                out.append({"n_train": n, "layer": r["layer"], "set": r["set"], "recoverability_acc": r["recoverability_acc"],
-                            "prior_acc": r["prior_acc"], "_acc": r["_acc"]})
-    return out
+        out += [keep(r, n) for r in probe_layers(sub_feats, [sub, *(s for s in sets if s.role == "eval")], layers, vocab_size, quick,
+                                                 device=device) if r["role"] == "eval"]
+    return out + [keep(r, len(train.seqs)) for r in full_rows if r["role"] == "eval" and r["layer"] in layers]
 
 
 def flattening(curve: list[dict], layer: int, resamples: int = 2000, seed: int = 0) -> dict | None:

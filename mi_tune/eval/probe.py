@@ -274,8 +274,7 @@ def run_probe(suite: ProbeSuite, models: list[ProbeModel], train_spec: ProbeData
                 log(f"{h.label} [{variant}]: decoders {timings['decoder_fit_s']:.1f} s, metrics {timings['metrics_s']:.1f} s")
                 if suite.learning_curve and variant == "base":
                     t = time.perf_counter()
-                    for r in learning_curve(feats, sets, layers, h.vocab_size, suite, [*suite.learning_curve, len(seqs[train_set.name])],
-                                            device=local_device()):
+                    for r in learning_curve(feats, sets, vrows, h.vocab_size, suite, suite.learning_curve, device=local_device()):
                         curve_rows.append({"model": h.label, "kind": h.kind, "pooling": h.pooling, "num_blocks": h.num_blocks,
                                            "depth": r["layer"] / h.num_blocks, **r})
                     timings["learning_curve_s"] = time.perf_counter() - t
