@@ -11,7 +11,7 @@ from mi_tune.errors import UserError
 from mi_tune.eval.downstream import load_suite, main
 
 from .conftest import MINILM, ROOT, SMOLLM2, TINY
-from .test_downstream import tiny_adapter, tiny_suite  # noqa: F401  (fixtures)
+from .test_downstream import tiny_adapter, tiny_suite, tracked_adapter  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +66,7 @@ def test_special_prefix_of_real_tokenizers():
 def test_baseline_columns_end_to_end(tiny_suite, tiny_adapter, tmp_path, monkeypatch, capsys):  # noqa: F811
     """--baseline mean --baseline echo: two base-model columns between base and the adapter, the base's load reused,
     intervals vs base and adapter − baseline, the table, and the baselines' scores in a run of their own."""
-    from mlflow.tracking import MlflowClient
-
-    monkeypatch.setenv("MI_TUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    run = client.create_run(client.create_experiment("mi_tune", artifact_location=(tmp_path / "art").as_uri()), run_name="tiny-run")
-    client.set_terminated(run.info.run_id)
-    (tiny_adapter / "tracking_run.json").write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
+    client, uri, run = tracked_adapter(tiny_adapter, tmp_path, monkeypatch)
     out = tmp_path / "out"
     main(["--suite", str(tiny_suite), "--model", str(TINY), "--adapter", str(tiny_adapter), "--tasks", "sim,ret", "--out", str(out),
           "--baseline", "mean", "--baseline", "echo", "--tracking-uri", uri, "bootstrap_resamples=200"])

@@ -461,7 +461,9 @@ def test_adapters_and_control_get_paired_intervals_and_a_spread(tiny_suite, tiny
     assert "+0.0000 [+0.0000, +0.0000]" in table and "+0.0000 ± 0.0000" in table
 
 
-def test_results_attach_to_the_training_run(tiny_suite, tiny_adapter, tmp_path, monkeypatch):
+def tracked_adapter(tiny_adapter, tmp_path, monkeypatch):
+    """A finished MLflow run (SQLite store in tmp_path) that the tiny adapter names in its tracking_run.json; the cache
+    and the working directory in tmp_path. Returns (client, tracking URI, the run)."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MI_TUNE_CACHE", str(tmp_path / "cache"))
@@ -471,6 +473,11 @@ def test_results_attach_to_the_training_run(tiny_suite, tiny_adapter, tmp_path, 
     run = client.create_run(client.create_experiment("mi_tune", artifact_location=(tmp_path / "art").as_uri()), run_name="tiny-run")
     client.set_terminated(run.info.run_id)
     (tiny_adapter / "tracking_run.json").write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
+    return client, uri, run
+
+
+def test_results_attach_to_the_training_run(tiny_suite, tiny_adapter, tmp_path, monkeypatch):
+    client, uri, run = tracked_adapter(tiny_adapter, tmp_path, monkeypatch)
     res = evaluate(str(TINY), [str(tiny_adapter)], suite=tiny_suite, tasks=["sim"], out_dir=tmp_path / "out", tracking=True)
     assert res["tracking_runs"] == [run.info.run_id]
     metrics = client.get_run(run.info.run_id).data.metrics
