@@ -238,7 +238,7 @@ def track(results: dict, out_dir: Path, enabled: bool, tracking_uri: str | None)
     tracker.log_params({"suite": results["suite"], "layer": results["layer"], "pooling": results["pooling"],
                         "columns": ",".join(c["label"] for c in results["columns"])})
     # MLflow metric names allow no parentheses: base (echo) -> base_echo
-    tracker.log_downstream({re.sub(r"[^\w.-]+", "_", c["label"]).strip("_") if c["role"] == "baseline" else c["label"]:
+    tracker.log_downstream({slug(c["label"]) if c["role"] == "baseline" else c["label"]:
                             column_scores(c["label"]) for c in results["columns"]}, prefix=prefix)
     for name in OUTPUT_FILES:
         tracker.log_artifact(out_dir / name, f"downstream/{results['suite']}")
