@@ -61,10 +61,10 @@ def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_id
                   location=None) -> dict:
     """Frozen base-model features (adapters disabled) of the check's sentences, computed once before training.
 
-    Returns {set: (seqs, features (1, N, D), bags (N, V))} for "train", "heldout" and each out-of-domain set. The same
+    Returns {set: (seqs, features (1, N, D), bags (N, V) as decoders.SparseBags)} for "train", "heldout" and each out-of-domain set. The same
     base features serve the head's warm start and the base rows of the final check.
     """
-    from .decoders import bags_from_ids
+    from .decoders import SparseBags
     from .embedding import embed_token_ids, tokenize
     from .eval.cache import cached_array, embedding_key
 
@@ -87,7 +87,7 @@ def base_features(model, tokenizer, corpus, recipe: Recipe, head_cfg, exclude_id
         f, hit = cached_array(key, compute, enabled=location is not None)
         if hit:
             log(f"base features ({name}): {len(texts)} sentences from the feature cache")
-        out[name] = (seqs, torch.from_numpy(f).transpose(0, 1), bags_from_ids(seqs, head_cfg.vocab_size, exclude_ids))
+        out[name] = (seqs, torch.from_numpy(f).transpose(0, 1), SparseBags.from_ids(seqs, head_cfg.vocab_size, exclude_ids))
     return out
 
 

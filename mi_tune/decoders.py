@@ -30,6 +30,7 @@ import torch
 from .losses import recoverability_loss
 from .metrics import (CALIBRATION_SENTENCES, bag_cross_entropy_bits, bag_token_entropy_bits, calibrate, compact_log_q, information,
                       smoothed_log_prior)
+from .metrics import entropy_bits as _entropy_bits
 
 # GCV grid for the ridge strength (multiplies N, on z-scored features): 1e-4 .. 1e2 in half decades.
 RIDGE_GCV_GRID = tuple(10.0 ** (k / 2) for k in range(-8, 5))
@@ -44,6 +45,93 @@ def bags_from_ids(seqs: list[list[int]], vocab_size: int, exclude_ids) -> torch.
         if ids:
             y[i, ids] = 1.0
     return y
+
+
+@dataclass(frozen=True)
+class SparseBags:
+    """(N, V) multi-hot bags stored as each row's sorted unique ids (CSR): memory N * |bag| instead of N * V.
+
+    What the probe keeps per set: Gemma-3's 262,144-id vocabulary makes a dense bag matrix of 4,000 sentences 1 GB
+    as uint8 and 4 GB as float32 (and the decoder, the control task and every scored set made copies); as ids it is
+    ~1 MB. Everything here accepts these or a dense (N, V) tensor; results are the same (tests/test_probe.py).
+    """
+
+    indptr: torch.Tensor  # (N+1,) long: row i's ids are ids[indptr[i]:indptr[i+1]]
+    ids: torch.Tensor  # (nnz,) long, sorted and unique within each row
+    vocab_size: int
+
+    @classmethod
+    def from_ids(cls, seqs: list[list[int]], vocab_size: int, exclude_ids=()) -> "SparseBags":
+        """As ``bags_from_ids`` (special/pad and out-of-range ids excluded), without the dense matrix."""
+        exclude = set(int(i) for i in exclude_ids)
+        rows = [sorted({int(t) for t in s if int(t) not in exclude and 0 <= int(t) < vocab_size}) for s in seqs]
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        indptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        ids = torch.tensor([t for r in rows for t in r], dtype=torch.long)
+        return cls(indptr, ids, int(vocab_size))
+
+    @classmethod
+    def from_dense(cls, Y: torch.Tensor) -> "SparseBags":
+        rows, ids = torch.as_tensor(Y).nonzero(as_tuple=True)  # row-major: ids sorted within each row
+        counts = torch.bincount(rows, minlength=Y.shape[0])
+        return cls(torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]), ids.long(), int(Y.shape[1]))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.vocab_size)
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def __getitem__(self, index: slice | torch.Tensor) -> "SparseBags":
+        """Rows, as a tensor's ``Y[:n]`` / ``Y[perm]``."""
+        return self.select(index)
+
+    def sizes(self) -> torch.Tensor:
+        """(N,) float: bag sizes."""
+        return (self.indptr[1:] - self.indptr[:-1]).float()
+
+    def entry_rows(self) -> torch.Tensor:
+        """(nnz,) the row of each stored id."""
+        return torch.repeat_interleave(torch.arange(len(self)), self.indptr[1:] - self.indptr[:-1])
+
+    def select(self, index: slice | torch.Tensor) -> "SparseBags":
+        """The bags of rows ``index`` (a slice or a (M,) long tensor), in that order."""
+        index = torch.arange(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
+        lengths = (self.indptr[1:] - self.indptr[:-1])[index]
+        indptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        offset = torch.arange(int(indptr[-1])) - torch.repeat_interleave(indptr[:-1], lengths)
+        return SparseBags(indptr, self.ids[torch.repeat_interleave(self.indptr[:-1][index], lengths) + offset], self.vocab_size)
+
+    def seen(self) -> torch.Tensor:
+        """(A,) sorted ids that occur in at least one bag."""
+        return torch.unique(self.ids)
+
+    def columns(self, active: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, A) multi-hot of ``dtype``: the bags restricted to the sorted ids ``active``."""
+        active = active.cpu()
+        pos = torch.searchsorted(active, self.ids).clamp(max=max(len(active) - 1, 0))
+        hit = active[pos] == self.ids if len(active) else torch.zeros_like(self.ids, dtype=torch.bool)
+        out = torch.zeros(len(self), len(active), dtype=dtype)
+        out[self.entry_rows()[hit], pos[hit]] = 1
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """(N, V) float32 multi-hot (only for small vocabularies: tests, the training head)."""
+        out = torch.zeros(len(self), self.vocab_size)
+        out[self.entry_rows(), self.ids] = 1.0
+        return out
+
+    def token_distribution(self) -> torch.Tensor:
+        """(V,) distribution of T, as ``metrics.bag_token_distribution`` of the dense bags."""
+        k = self.sizes()
+        keep = int((k > 0).sum())
+        w = (1.0 / k.clamp(min=1))[self.entry_rows()]
+        return torch.zeros(self.vocab_size).index_add_(0, self.ids, w) / max(keep, 1)
+
+
+def as_sparse_bags(Y) -> SparseBags:
+    return Y if isinstance(Y, SparseBags) else SparseBags.from_dense(Y)
 
 
 @dataclass
@@ -90,7 +178,11 @@ def _standardize(X: torch.Tensor):
 
 
 def _compact_targets(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, V) bags -> ((N, A+1) targets of the ids seen in training + an all-zero shared column, (A,) ids), on Y's device."""
+    """(N, V) bags -> ((N, A+1) targets of the ids seen in training + an all-zero shared column, (A,) ids), on Y's device
+    (``SparseBags``: on the CPU)."""
+    if isinstance(Y, SparseBags):
+        active = Y.seen()
+        return torch.cat([Y.columns(active), torch.zeros(len(Y), 1)], dim=1), active
     active = (Y.sum(0) > 0).nonzero().flatten()  # (A,)
     Yc = torch.cat([Y[:, active], torch.zeros(Y.shape[0], 1, device=Y.device)], dim=1)  # (N, A+1)
     return Yc, active
@@ -192,7 +284,10 @@ def fit_bce(X: np.ndarray | torch.Tensor, Y: torch.Tensor, epochs: int = 100, lr
 
 
 def compact_bags(bags: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, V) bags -> ((N, A) restricted to the seen ids, (N,) float count of the other bag ids)."""
+    """(N, V) bags (dense or ``SparseBags``) -> ((N, A) restricted to the seen ids, (N,) float count of the other bag ids)."""
+    if isinstance(bags, SparseBags):
+        ya = bags.columns(active, torch.uint8)  # as the probe's dense uint8 bags: 1 byte per (sentence, seen id)
+        return ya, bags.sizes() - ya.sum(1, dtype=torch.float32)
     ya = bags[:, active]
     return ya, (bags.sum(1, dtype=torch.float32) - ya.sum(1, dtype=torch.float32))
 
@@ -244,11 +339,16 @@ class BagSet:
         """``entropy_bits``: H(T) estimated on a larger sample of the same distribution (less biased); else on ``bags``."""
         ya, u = compact_bags(bags, active)
         k = ya.sum(1, dtype=torch.float32) + u
-        rest = bags.bool().clone()
-        rest[:, active] = False
-        rows, ids = rest.nonzero(as_tuple=True)
-        return cls(ya, u, rows, ids, bag_token_entropy_bits(bags) if entropy_bits is None else float(entropy_bits),
-                   int(k.max()) if k.numel() else 0)
+        if isinstance(bags, SparseBags):
+            other = ~torch.isin(bags.ids, active.cpu())
+            rows, ids = bags.entry_rows()[other], bags.ids[other]
+            h = _entropy_bits(bags.token_distribution()) if entropy_bits is None else float(entropy_bits)
+        else:
+            rest = bags.bool().clone()
+            rest[:, active] = False
+            rows, ids = rest.nonzero(as_tuple=True)
+            h = bag_token_entropy_bits(bags) if entropy_bits is None else float(entropy_bits)
+        return cls(ya, u, rows, ids, h, int(k.max()) if k.numel() else 0)
 
 
 def ridge_loo_scores(dec: LinearDecoders, j: int, X_all: torch.Tensor, C: torch.Tensor, ya: torch.Tensor) -> torch.Tensor:
@@ -333,6 +433,6 @@ def prior_per_sentence(train_ya: torch.Tensor, bs: BagSet, vocab_size: int) -> t
     Any decoder's intercept starts from this ranking, so a decoder's accuracy means something only above it.
     """
     A = train_ya.shape[1]
-    scores = torch.cat([train_ya.float().mean(0), torch.zeros(1)])  # (A+1,): never-seen ids have frequency 0
+    scores = torch.cat([train_ya.sum(0, dtype=torch.float32) / max(len(train_ya), 1), torch.zeros(1)])  # (A+1,): never-seen ids have frequency 0
     return torch.cat([compact_metrics(scores.expand(len(bs.u[i: i + ROW_CHUNK]), -1), bs.ya[i: i + ROW_CHUNK].float(),
                                       bs.u[i: i + ROW_CHUNK], vocab_size - A, linear=True)[0] for i in range(0, len(bs.u), ROW_CHUNK)])

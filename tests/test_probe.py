@@ -98,7 +98,7 @@ def test_prior_baseline_ranks_by_training_frequency():
     ev = scored_set("e", "eval", [[1, 3], [5, 4]], V, [0])
     active = torch.tensor([1, 2, 3])
     # sentence 1: top-2 = {1, 2}, one hit; sentence 2: top-2 = {1, 2}, no hit (ids 4, 5 never seen, frequency 0)
-    prior = prior_per_sentence(train.bags[:, active], BagSet.of(ev.bags, active), V)
+    prior = prior_per_sentence(train.bags.columns(active), BagSet.of(ev.bags, active), V)
     assert prior.tolist() == pytest.approx([0.5, 0.0])
 
 
@@ -129,8 +129,8 @@ def test_compact_metrics_equal_dense_metrics(decoder):
     tr = scored_set("t", "train", train, V, [0, 1, 2])
     ev = scored_set("e", "eval", evals, V, [0, 1, 2])
     X, Xe = torch.randn(1, N, D), torch.randn(N, D)
-    dec = fit_ridge(X, tr.bags.float(), 0.1) if decoder == "ridge" else fit_bce(X, tr.bags.float(), epochs=20, lr=0.05, batch_size=16)
-    dense, y = dec.scores(Xe, 0), ev.bags.float()
+    dec = fit_ridge(X, tr.bags, 0.1) if decoder == "ridge" else fit_bce(X, tr.bags, epochs=20, lr=0.05, batch_size=16)
+    dense, y = dec.scores(Xe, 0), ev.bags.dense()
     probs = dense.clamp(0, 1) if decoder == "ridge" else torch.sigmoid(dense)
     ya, u = compact_bags(ev.bags, dec.active)
     acc, cos, _, _ = compact_metrics(dec.compact_scores(Xe, 0), ya.float(), u, V - len(dec.active), decoder == "ridge")
@@ -505,3 +505,108 @@ def test_learning_curve_refits_on_prefixes_and_ends_at_the_probe_itself(tmp_path
     assert {g["at"] for g in gains} == {"best", "last"} and all(g["from_n"] == 60 and g["to_n"] == 120 for g in gains)
     assert all(g["low"] <= g["estimate"] <= g["high"] for g in gains)
     assert "learning curve: accuracy gained by the last step" in capsys.readouterr().out
+
+
+# ---- bags stored as ids (large vocabularies) -------------------------------------------------------
+
+
+def _synthetic_layers(rng, n, V, D, proj):
+    """Token id lists (id 0 = a special token) and features (n, 2, D): layer 0 noise, layer 1 a noisy linear image of the bag."""
+    seqs = [list(rng.choice(np.arange(2, V), size=rng.integers(4, 10), replace=False)) for _ in range(n)]
+    image = np.zeros((n, D))
+    for i, s in enumerate(seqs):
+        image[i] = proj[s].sum(0)
+    layers = [rng.standard_normal((n, D)), image + 0.3 * rng.standard_normal((n, D))]
+    return [[0] + [int(t) for t in s] for s in seqs], np.stack(layers, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("decoder", ["ridge", "bce"])
+def test_sparse_bags_give_the_dense_bags_decoders_and_metrics(decoder):
+    """SparseBags (ids per row) is only a storage format: rows, slices, permutations, decoders, BagSets, the tilt tau and
+    every per-sentence metric equal those of the dense (N, V) matrix."""
+    from mi_tune.decoders import InformationProbe, SparseBags, bags_from_ids
+    from mi_tune.metrics import bag_token_distribution
+
+    rng = np.random.default_rng(0)
+    V = 300
+    seqs = [list(rng.integers(0, V, size=rng.integers(0, 12))) for _ in range(80)]  # some empty bags, ids 3, 4 excluded
+    D, S = bags_from_ids(seqs, V, [3, 4]), SparseBags.from_ids(seqs, V, [3, 4])
+    assert torch.equal(S.dense(), D) and torch.equal(SparseBags.from_dense(D).ids, S.ids) and S.shape == D.shape
+    perm = torch.randperm(80, generator=torch.Generator().manual_seed(0))
+    for index in (perm, slice(0, 17), slice(5, 9)):
+        assert torch.equal(S[index].dense(), D[index])
+    torch.testing.assert_close(S.token_distribution(), bag_token_distribution(D))
+    X = torch.randn(2, 80, 16, generator=torch.Generator().manual_seed(1))
+    fit = (lambda Y: fit_ridge(X, Y, "gcv")) if decoder == "ridge" else (lambda Y: fit_bce(X, Y, epochs=3, batch_size=16))
+    a, b = fit(D), fit(S)
+    for k in ("W", "b", "active", "mean", "std"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+    ev_d, ev_s = BagSet.of(D[:40], a.active), BagSet.of(S[:40], a.active)
+    for k in ("ya", "u", "unseen_rows", "unseen_ids"):
+        assert torch.equal(getattr(ev_d, k).float(), getattr(ev_s, k).float()), k
+    assert ev_d.entropy_bits == pytest.approx(ev_s.entropy_bits) and ev_d.max_bag == ev_s.max_bag
+    linear = decoder == "ridge"
+    p_d, p_s = InformationProbe(a, 1, X[1], BagSet.of(D, a.active), linear), InformationProbe(b, 1, X[1], BagSet.of(S, a.active), linear)
+    assert p_d.tau == p_s.tau
+    r_d, r_s = p_d.per_sentence(X[1][:40], ev_d), p_s.per_sentence(X[1][:40], ev_s)
+    for k in r_d:
+        torch.testing.assert_close(r_d[k], r_s[k], equal_nan=True)
+
+
+def test_probe_at_gemma_vocabulary_size_stays_small(tmp_path):
+    """|V| = 262,144 (Gemma-3), 2,000 training sentences, control task on: dense (N, V) bags would take 2 GB as float32
+    for the decoder's targets and 2 GB more for the control's (the old code peaked at 20 GB on the real suite). With bags
+    stored as ids the whole probe stays under 1.5 GB resident (measured in a fresh process), and it still decodes."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe_big_vocab.py"
+    script.write_text(f"""
+import resource, json, numpy as np
+import torch
+torch.set_num_threads(1)
+{inspect.getsource(_synthetic_layers)}
+from mi_tune.eval.layer_metrics import probe_layers, scored_set
+from mi_tune.eval.suites import ProbeSuite
+V, D = 262144, 48
+rng = np.random.default_rng(0)
+proj = rng.standard_normal((V, D)).astype(np.float32)
+(tr, trX), (ev, evX) = [_synthetic_layers(rng, n, 80, D, proj[:80]) for n in (2000, 200)]  # ids 2..79 of the big vocabulary
+sets = [scored_set("train", "train", tr, V, [0]), scored_set("ev", "eval", ev, V, [0])]
+rows = probe_layers({{"train": trX, "ev": evX}}, sets, [0, 1], V, ProbeSuite(decoder="ridge", control_task=True, text_metrics_sentences=0))
+by = {{(r["layer"], r["set"]): r for r in rows}}
+print(json.dumps({{"rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "acc": by[1, "ev"]["recoverability_acc"],
+                  "sel": by[1, "ev"]["selectivity"]}}))
+""")
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["rss_gb"] < 1.5, res
+    assert res["acc"] > 0.8 and res["sel"] > 0.6, res
+
+
+def test_in_sample_rows_are_scored_on_a_capped_prefix_and_held_out_rows_do_not_change():
+    """train_score_sentences caps only the in-sample scoring: decoders (fitted on all training sentences), held-out rows
+    and the control's held-out accuracy are identical with and without the cap; the training row says how many it scored."""
+    from mi_tune.eval.layer_metrics import probe_layers, scored_set
+    from mi_tune.eval.suites import ProbeSuite
+
+    rng = np.random.default_rng(0)
+    V, D = 80, 48
+    proj = rng.standard_normal((V, D))
+    (tr, trX), (ev, evX) = _synthetic_layers(rng, 400, V, D, proj), _synthetic_layers(rng, 150, V, D, proj)
+    sets = [scored_set("train", "train", tr, V, [0]), scored_set("ev", "eval", ev, V, [0])]
+    run = lambda cap: {(r["layer"], r["set"]): r for r in probe_layers(  # noqa: E731
+        {"train": trX, "ev": evX}, sets, [0, 1], V, ProbeSuite(decoder="ridge", control_task=True, text_metrics_sentences=0,
+                                                               train_score_sentences=cap))}
+    full, capped = run(None), run(120)
+    for layer in (0, 1):
+        assert full[layer, "train"]["sentences"] == 400 and capped[layer, "train"]["sentences"] == 120
+        np.testing.assert_array_equal(full[layer, "train"]["_acc"][:120], capped[layer, "train"]["_acc"])  # the same sentences, same scores
+        np.testing.assert_array_equal(full[layer, "train"]["_control_acc"][:120], capped[layer, "train"]["_control_acc"])
+        for k in ("_acc", "_control_acc", "_prior"):
+            np.testing.assert_array_equal(full[layer, "ev"][k], capped[layer, "ev"][k])
+    assert capped[1, "train"]["recoverability_acc"] > 0.8

@@ -37,7 +37,7 @@ slots as misses. Both differ from a dense ``torch.topk`` only in how ties are br
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -83,11 +83,11 @@ def recovered_list(top_ids: list[int], sentence: list[int]) -> list[int]:
 
 def text_scores(hyps: list[list[int]], refs: list[list[int]]) -> dict:
     """sacrebleu corpus BLEU (0-100) and mean rouge-score F1 of id lists written as decimal strings."""
+    if not hyps:  # before the imports: rouge-score pulls in nltk (~4 s)
+        return {"bleu": float("nan"), "rouge1_f": float("nan"), "rouge2_f": float("nan")}
     import sacrebleu
     from rouge_score import rouge_scorer
 
-    if not hyps:
-        return {"bleu": float("nan"), "rouge1_f": float("nan"), "rouge2_f": float("nan")}
     h = [" ".join(map(str, x)) for x in hyps]
     r = [" ".join(map(str, x)) for x in refs]
     bleu = sacrebleu.corpus_bleu(h, [r], tokenize="none").score
@@ -107,19 +107,19 @@ class ScoredSet:
     role: str
     seqs: list[list[int]]  # token ids as fed to the model (truncated, with specials)
     sentences: list[list[int]]  # the same without special/pad ids: the "original tokens"
-    bags: torch.Tensor  # (N, V) uint8 multi-hot
+    bags: "SparseBags"  # (N, V) multi-hot, stored as ids (decoders.SparseBags: |V| = 262,144 would be 1 GB per 4,000 sentences dense)
     entropy_bits: float | None = None  # plug-in H(T) on every text of the set's source (None: on these sentences)
 
 
 def scored_set(name: str, role: str, seqs: list[list[int]], vocab_size: int, exclude_ids, pool=None) -> ScoredSet:
     """``pool``: token ids of every text of the source; H(T) is estimated on it (the plug-in is biased low, less on more text)."""
-    from ..decoders import bags_from_ids
+    from ..decoders import SparseBags
     from ..metrics import bag_token_distribution_of_seqs, entropy_bits
 
     ex = set(exclude_ids)
     sentences = [[t for t in s if t not in ex and 0 <= t < vocab_size] for s in seqs]
     h = entropy_bits(torch.from_numpy(bag_token_distribution_of_seqs(pool, vocab_size, exclude_ids))) if pool else None
-    return ScoredSet(name, role, seqs, sentences, bags_from_ids(seqs, vocab_size, exclude_ids).to(torch.uint8), h)
+    return ScoredSet(name, role, seqs, sentences, SparseBags.from_ids(seqs, vocab_size, exclude_ids), h)
 
 
 MISS = -1  # written for a top-k slot filled from the tied never-seen block: never in a sentence, so a miss
@@ -154,17 +154,19 @@ def layer_chunk(decoder: str, d: int, active: int) -> int:
 
 
 def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: list[int], vocab_size: int, suite: ProbeSuite,
-                 timings: dict | None = None, device: torch.device | str | None = None) -> list[dict]:
+                 timings: dict | None = None, device: torch.device | str | None = None, score_train: bool = True) -> list[dict]:
     """Fit one decoder per layer on the train set (layers in chunks, each chunk in one batched fit) and score every set.
 
     feats: set name -> (N, L+1, D). Returns one row per (layer, set) with the metrics only. ``device``: where the
     decoders are fitted (default: the CPU; a GPU makes the fit of a 7B model's layers minutes instead of hours).
+    The training set's in-sample rows are scored on its first ``suite.train_score_sentences`` sentences (its row's
+    ``sentences`` says how many; the decoders are always fitted on all of them); ``score_train=False``: no such rows.
     """
     from ..decoders import BagSet, InformationProbe, fit_bce, fit_ridge, prior_per_sentence
 
     train = next(s for s in sets if s.role == "train")
-    Y = train.bags.float()  # (N, V)
-    active = int((Y.sum(0) > 0).sum())
+    Y = train.bags  # (N, V) as SparseBags
+    active = len(Y.seen())
     chunk = layer_chunk(suite.decoder, feats[train.name].shape[-1], active)
     linear = suite.decoder == "ridge"
     rows = []
@@ -176,11 +178,17 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
         return fit_bce(X, Y, epochs=suite.bce_epochs, lr=suite.bce_lr, weight_decay=suite.bce_weight_decay,
                        batch_size=suite.bce_batch_size, seed=suite.seed, device=device)
 
+    cap = len(train.seqs) if suite.train_score_sentences is None else min(suite.train_score_sentences, len(train.seqs))
+    scored = [s for s in sets if s.role != "train"]
+    if score_train:  # the in-sample rows on the first ``cap`` training sentences (already shuffled)
+        scored.insert(0, train if cap == len(train.seqs) else
+                      replace(train, seqs=train.seqs[:cap], sentences=train.sentences[:cap], bags=train.bags.select(slice(0, cap))))
+    sets_by_name = {s.name: s for s in sets}
     shuffled, Y_ctrl = {}, None
     if suite.control_task:  # the control's pairing: fixed per set, the same at every layer
         gen = torch.Generator().manual_seed(suite.seed + 7919)
-        shuffled = {ss.name: derangement(len(ss.seqs), gen) for ss in sets}
-        Y_ctrl = Y[shuffled[train.name]]  # (N, V) once, not per chunk of layers
+        shuffled = {ss.name: derangement(len(ss.seqs), gen) for ss in sets}  # a capped training set: its first rows
+        Y_ctrl = Y.select(shuffled[train.name])  # once, not per chunk of layers
     for c0 in range(0, len(layers), chunk):
         ls = layers[c0: c0 + chunk]
         X = torch.from_numpy(np.ascontiguousarray(feats[train.name][:, ls].transpose(1, 0, 2)))  # (Lc, N, D)
@@ -190,17 +198,21 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
         t_fit += time.perf_counter() - t
         t = time.perf_counter()
         if c0 == 0:
-            bags = {ss.name: BagSet.of(ss.bags, dec.active, ss.entropy_bits) for ss in sets}  # same seen ids for every chunk
-            prior = {ss.name: prior_per_sentence(bags[train.name].ya, bags[ss.name], vocab_size).numpy() for ss in sets}
+            fit_bags = BagSet.of(train.bags, dec.active, train.entropy_bits)  # same seen ids for every chunk
+            bags = {ss.name: fit_bags if ss is train else BagSet.of(ss.bags, dec.active, ss.entropy_bits) for ss in scored}
+            prior = {ss.name: prior_per_sentence(fit_bags.ya, bags[ss.name], vocab_size).numpy() for ss in scored}
             if ctrl_dec is not None:
-                ctrl_bags = {ss.name: BagSet.of(ss.bags[shuffled[ss.name]], ctrl_dec.active) for ss in sets}
+                ctrl_fit = BagSet.of(Y_ctrl, ctrl_dec.active)
+                ctrl_bags = {ss.name: BagSet.of(sets_by_name[ss.name].bags.select(shuffled[ss.name][:len(ss.seqs)]), ctrl_dec.active)
+                             for ss in scored}
         for j, layer in enumerate(ls):
-            probe = InformationProbe(dec, j, feats[train.name][:, layer], bags[train.name], linear)
-            ctrl = InformationProbe(ctrl_dec, j, feats[train.name][:, layer], ctrl_bags[train.name], linear) if ctrl_dec else None
-            for ss in sets:
-                m = score_layer(probe, feats[ss.name][:, layer], ss, bags[ss.name], suite.text_metrics_sentences)
+            probe = InformationProbe(dec, j, feats[train.name][:, layer], fit_bags, linear)
+            ctrl = InformationProbe(ctrl_dec, j, feats[train.name][:, layer], ctrl_fit, linear) if ctrl_dec else None
+            for ss in scored:
+                X_set = feats[ss.name][: len(ss.seqs), layer]
+                m = score_layer(probe, X_set, ss, bags[ss.name], suite.text_metrics_sentences)
                 if ctrl is not None:
-                    c_acc = ctrl.per_sentence(feats[ss.name][:, layer], ctrl_bags[ss.name])["acc"].numpy()
+                    c_acc = ctrl.per_sentence(X_set, ctrl_bags[ss.name])["acc"].numpy()
                     m.update(control_acc=float(np.nanmean(c_acc)), selectivity=m["recoverability_acc"] - float(np.nanmean(c_acc)),
                              _control_acc=c_acc)
                 extra = {"ridge_lambda": float(dec.lam[j])} if dec.lam is not None else {"ridge_lambda": None}
@@ -304,8 +316,6 @@ def learning_curve(feats: dict[str, np.ndarray], sets: list[ScoredSet], full_row
     the last layer of ``full_rows`` (the probe's own rows on all training sentences: the curve's last point), scored on
     the evaluation sets: one row per (n, layer, eval set) with accuracy, prior and the per-sentence accuracy ``_acc``.
     Sizes not below the training set are dropped; no control task, no BLEU/ROUGE (accuracy is what the curve is about)."""
-    from dataclasses import replace
-
     train = next(s for s in sets if s.role == "train")
     layers = curve_layers(full_rows)
     quick = replace(suite, control_task=False, text_metrics_sentences=0)
@@ -313,10 +323,10 @@ def learning_curve(feats: dict[str, np.ndarray], sets: list[ScoredSet], full_row
                          "prior_acc": r["prior_acc"], "_acc": r["_acc"]}
     out = []
     for n in sorted({n for n in sizes if n < len(train.seqs)}):
-        sub = replace(train, seqs=train.seqs[:n], sentences=train.sentences[:n], bags=train.bags[:n])
+        sub = replace(train, seqs=train.seqs[:n], sentences=train.sentences[:n], bags=train.bags.select(slice(0, n)))
         sub_feats = {**feats, train.name: feats[train.name][:n]}
         out += [keep(r, n) for r in probe_layers(sub_feats, [sub, *(s for s in sets if s.role == "eval")], layers, vocab_size, quick,
-                                                 device=device) if r["role"] == "eval"]
+                                                 device=device, score_train=False)]
     return out + [keep(r, len(train.seqs)) for r in full_rows if r["role"] == "eval" and r["layer"] in layers]
 
 
