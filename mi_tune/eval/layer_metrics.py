@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ..decoders import ROW_CHUNK
+from ..decoders import ROW_CHUNK, SparseBags
 from .suites import ProbeSuite
 
 DECODER_MEMORY = 1.0e9  # bytes of decoder weights (+ Adam state for BCE) fitted at once; sets the layer chunk
@@ -107,13 +107,12 @@ class ScoredSet:
     role: str
     seqs: list[list[int]]  # token ids as fed to the model (truncated, with specials)
     sentences: list[list[int]]  # the same without special/pad ids: the "original tokens"
-    bags: "SparseBags"  # (N, V) multi-hot, stored as ids (decoders.SparseBags: |V| = 262,144 would be 1 GB per 4,000 sentences dense)
+    bags: SparseBags  # (N, V) multi-hot, stored as ids (decoders.SparseBags: |V| = 262,144 would be 1 GB per 4,000 sentences dense)
     entropy_bits: float | None = None  # plug-in H(T) on every text of the set's source (None: on these sentences)
 
 
 def scored_set(name: str, role: str, seqs: list[list[int]], vocab_size: int, exclude_ids, pool=None) -> ScoredSet:
     """``pool``: token ids of every text of the source; H(T) is estimated on it (the plug-in is biased low, less on more text)."""
-    from ..decoders import SparseBags
     from ..metrics import bag_token_distribution_of_seqs, entropy_bits
 
     ex = set(exclude_ids)
