@@ -368,6 +368,14 @@ def ridge_loo_scores(dec: LinearDecoders, j: int, X_all: torch.Tensor, C: torch.
     return b + (C - b - h * (Yc - b)) / (1 - h)
 
 
+def accuracy_per_sentence(dec: LinearDecoders, j: int, X, bs: BagSet, linear: bool) -> torch.Tensor:
+    """(N,) recoverability accuracy of decoder layer ``j`` on features X (N, D), nothing else (no calibration of q, no
+    cross-entropy): what the control task reports. Equals ``InformationProbe(...).per_sentence(X, bs)["acc"]``."""
+    unseen = dec.vocab_size - len(dec.active)
+    return torch.cat([compact_metrics(dec.compact_scores(torch.as_tensor(X[s: s + ROW_CHUNK]), j), bs.ya[s: s + ROW_CHUNK].float(),
+                                      bs.u[s: s + ROW_CHUNK], unseen, linear)[0] for s in range(0, len(bs.u), ROW_CHUNK)])
+
+
 class InformationProbe:
     """Scores one decoder layer on sets and turns them into per-sentence accuracy, cosine and cross-entropy.
 

@@ -524,7 +524,7 @@ def _synthetic_layers(rng, n, V, D, proj):
 def test_sparse_bags_give_the_dense_bags_decoders_and_metrics(decoder):
     """SparseBags (ids per row) is only a storage format: rows, slices, permutations, decoders, BagSets, the tilt tau and
     every per-sentence metric equal those of the dense (N, V) matrix."""
-    from mi_tune.decoders import InformationProbe, SparseBags, bags_from_ids
+    from mi_tune.decoders import InformationProbe, SparseBags, accuracy_per_sentence, bags_from_ids
     from mi_tune.metrics import bag_token_distribution
 
     rng = np.random.default_rng(0)
@@ -551,6 +551,8 @@ def test_sparse_bags_give_the_dense_bags_decoders_and_metrics(decoder):
     r_d, r_s = p_d.per_sentence(X[1][:40], ev_d), p_s.per_sentence(X[1][:40], ev_s)
     for k in r_d:
         torch.testing.assert_close(r_d[k], r_s[k], equal_nan=True)
+    # the control task's accuracy-only path: the same accuracy as the full probe's, without calibrating q
+    torch.testing.assert_close(accuracy_per_sentence(b, 1, X[1][:40], ev_s, linear), r_s["acc"], equal_nan=True)
 
 
 def test_probe_at_gemma_vocabulary_size_stays_small(tmp_path):

@@ -161,7 +161,7 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
     The training set's in-sample rows are scored on its first ``suite.train_score_sentences`` sentences (its row's
     ``sentences`` says how many; the decoders are always fitted on all of them); ``score_train=False``: no such rows.
     """
-    from ..decoders import BagSet, InformationProbe, fit_bce, fit_ridge, prior_per_sentence
+    from ..decoders import BagSet, InformationProbe, accuracy_per_sentence, fit_bce, fit_ridge, prior_per_sentence
 
     train = next(s for s in sets if s.role == "train")
     Y = train.bags  # (N, V) as SparseBags
@@ -201,17 +201,15 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
             bags = {ss.name: fit_bags if ss is train else BagSet.of(ss.bags, dec.active, ss.entropy_bits) for ss in scored}
             prior = {ss.name: prior_per_sentence(fit_bags.ya, bags[ss.name], vocab_size).numpy() for ss in scored}
             if ctrl_dec is not None:
-                ctrl_fit = BagSet.of(Y_ctrl, ctrl_dec.active)
                 ctrl_bags = {ss.name: BagSet.of(sets_by_name[ss.name].bags.select(shuffled[ss.name][:len(ss.seqs)]), ctrl_dec.active)
                              for ss in scored}
         for j, layer in enumerate(ls):
             probe = InformationProbe(dec, j, feats[train.name][:, layer], fit_bags, linear)
-            ctrl = InformationProbe(ctrl_dec, j, feats[train.name][:, layer], ctrl_fit, linear) if ctrl_dec else None
             for ss in scored:
                 X_set = feats[ss.name][: len(ss.seqs), layer]
                 m = score_layer(probe, X_set, ss, bags[ss.name], suite.text_metrics_sentences)
-                if ctrl is not None:
-                    c_acc = ctrl.per_sentence(X_set, ctrl_bags[ss.name])["acc"].numpy()
+                if ctrl_dec is not None:  # accuracy only: the control's q is never used, so it is not calibrated
+                    c_acc = accuracy_per_sentence(ctrl_dec, j, X_set, ctrl_bags[ss.name], linear).numpy()
                     m.update(control_acc=float(np.nanmean(c_acc)), selectivity=m["recoverability_acc"] - float(np.nanmean(c_acc)),
                              _control_acc=c_acc)
                 extra = {"ridge_lambda": float(dec.lam[j])} if dec.lam is not None else {"ridge_lambda": None}
