@@ -168,7 +168,7 @@ def claims_figure(out_dir: Path, rows: list[dict]) -> Path:
         rs = [r for r in base if r["model"] == model]
         by_layer = [[r for r in rs if r["layer"] == layer] for layer in sorted({r["layer"] for r in rs})]  # each layer's eval sets
         style = {"color": f"C{i}", "linestyle": "-" if rs[0]["kind"] == "encoder" else "--", "marker": "o", "markersize": 3,
-                 "linewidth": 1.6, "label": f"{model} ({rs[0]['kind']})"}
+                 "linewidth": 1.6, "label": model if rs[0]["kind"] in model else f"{model} ({rs[0]['kind']})"}
         depth = [g[0]["depth"] for g in by_layer]
         axes[0][0].plot(depth, [np.mean([r["recoverability_acc"] for r in g]) for g in by_layer], **style)
         axes[0][1].plot(depth, [np.mean([right(r) for r in g]) for g in by_layer], **style)
