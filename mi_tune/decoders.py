@@ -72,7 +72,7 @@ class SparseBags:
 
     @classmethod
     def from_dense(cls, Y: torch.Tensor) -> "SparseBags":
-        rows, ids = torch.as_tensor(Y).nonzero(as_tuple=True)  # row-major: ids sorted within each row
+        rows, ids = torch.as_tensor(Y).cpu().nonzero(as_tuple=True)  # row-major: ids sorted within each row
         counts = torch.bincount(rows, minlength=Y.shape[0])
         return cls(torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]), ids.long(), int(Y.shape[1]))
 
@@ -97,7 +97,7 @@ class SparseBags:
 
     def select(self, index: slice | torch.Tensor) -> "SparseBags":
         """The bags of rows ``index`` (a slice or a (M,) long tensor), in that order."""
-        index = torch.arange(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
+        index = torch.arange(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long).cpu()
         lengths = (self.indptr[1:] - self.indptr[:-1])[index]
         indptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         offset = torch.arange(int(indptr[-1])) - torch.repeat_interleave(indptr[:-1], lengths)

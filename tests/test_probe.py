@@ -531,7 +531,8 @@ def test_sparse_bags_give_the_dense_bags_decoders_and_metrics(decoder):
     V = 300
     seqs = [list(rng.integers(0, V, size=rng.integers(0, 12))) for _ in range(80)]  # some empty bags, ids 3, 4 excluded
     D, S = bags_from_ids(seqs, V, [3, 4]), SparseBags.from_ids(seqs, V, [3, 4])
-    assert torch.equal(S.dense(), D) and torch.equal(SparseBags.from_dense(D).ids, S.ids) and S.shape == D.shape
+    assert torch.equal(S.dense(), D) and torch.equal(SparseBags.from_dense(D).dense(), D) and S.shape == D.shape
+    assert (S.sizes() == 0).any() and torch.equal(SparseBags.from_dense(D).indptr, S.indptr)
     perm = torch.randperm(80, generator=torch.Generator().manual_seed(0))
     for index in (perm, slice(0, 17), slice(5, 9)):
         assert torch.equal(S[index].dense(), D[index])
@@ -541,7 +542,10 @@ def test_sparse_bags_give_the_dense_bags_decoders_and_metrics(decoder):
     a, b = fit(D), fit(S)
     for k in ("W", "b", "active", "mean", "std"):
         assert torch.equal(getattr(a, k), getattr(b, k)), k
-    ev_d, ev_s = BagSet.of(D[:40], a.active), BagSet.of(S[:40], a.active)
+    held = [list(rng.integers(0, V + 40, size=rng.integers(0, 12)) % V) for _ in range(40)]  # some ids never seen in training
+    D_ev, S_ev = bags_from_ids(held, V, [3, 4]), SparseBags.from_ids(held, V, [3, 4])
+    ev_d, ev_s = BagSet.of(D_ev, a.active), BagSet.of(S_ev, a.active)
+    assert ev_s.u.sum() > 0 and len(ev_s.unseen_ids) > 0
     for k in ("ya", "u", "unseen_rows", "unseen_ids"):
         assert torch.equal(getattr(ev_d, k).float(), getattr(ev_s, k).float()), k
     assert ev_d.entropy_bits == pytest.approx(ev_s.entropy_bits) and ev_d.max_bag == ev_s.max_bag

@@ -198,7 +198,8 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
         t = time.perf_counter()
         if c0 == 0:
             fit_bags = BagSet.of(train.bags, dec.active, train.entropy_bits)  # same seen ids for every chunk
-            bags = {ss.name: fit_bags if ss is train else BagSet.of(ss.bags, dec.active, ss.entropy_bits) for ss in scored}
+            bags = {ss.name: fit_bags if ss is train else  # a capped training set: H(T) of all training sentences
+                    BagSet.of(ss.bags, dec.active, fit_bags.entropy_bits if ss.role == "train" else ss.entropy_bits) for ss in scored}
             prior = {ss.name: prior_per_sentence(fit_bags.ya, bags[ss.name], vocab_size).numpy() for ss in scored}
             if ctrl_dec is not None:
                 ctrl_bags = {ss.name: BagSet.of(sets_by_name[ss.name].bags.select(shuffled[ss.name][:len(ss.seqs)]), ctrl_dec.active)
