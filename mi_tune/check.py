@@ -264,12 +264,12 @@ def compare_checks(run_a: str | Path, run_b: str | Path, resamples: int = 2000, 
     out = {}
     for name in a["setup"]["sets"]:
         pa, pb = a[name]["per_sentence"], b[name]["per_sentence"]
-        if pa["base"]["acc"] != pb["base"]["acc"] and old and name != HELDOUT:
-            raise UserError(f"--against: the runs scored different {name!r} sentences: the check of {old[0]} may predate "
-                            f"out-of-domain samples drawn with data.shuffle_seed (it used the training seed, so two seeds of one "
-                            f"recipe drew different sentences). Fix: re-run `python -m mi_tune.check {old[0]}` (same recipe and "
-                            f"split; the old check is kept under heldout_check_previous), then compare again.")
         if pa["base"]["acc"] != pb["base"]["acc"]:
+            if old and name != HELDOUT:
+                raise UserError(f"--against: the runs scored different {name!r} sentences: the check of {old[0]} may predate "
+                                f"out-of-domain samples drawn with data.shuffle_seed (it used the training seed, so two seeds of one "
+                                f"recipe drew different sentences). Fix: re-run `python -m mi_tune.check {old[0]}` (same recipe and "
+                                f"split; the old check is kept under heldout_check_previous), then compare again.")
             raise UserError(f"--against: the base rows of {name!r} differ between the runs, so they were not scored on the same "
                             f"sentences. Fix: compare runs of the same recipe (data, split and check settings).")
         out[name] = {"delta_acc": paired_mean_difference(pa["enhanced"]["acc"], pb["enhanced"]["acc"], resamples, seed).to_dict(),

@@ -37,14 +37,8 @@ RIDGE_GCV_GRID = tuple(10.0 ** (k / 2) for k in range(-8, 5))
 
 
 def bags_from_ids(seqs: list[list[int]], vocab_size: int, exclude_ids) -> torch.Tensor:
-    """Multi-hot (N, V) float32 targets from token id lists, special/pad ids excluded."""
-    exclude = set(int(i) for i in exclude_ids)
-    y = torch.zeros(len(seqs), vocab_size)
-    for i, s in enumerate(seqs):
-        ids = [t for t in set(s) if t not in exclude and 0 <= t < vocab_size]
-        if ids:
-            y[i, ids] = 1.0
-    return y
+    """Multi-hot (N, V) float32 targets from token id lists, special/pad ids excluded (small vocabularies; else ``SparseBags``)."""
+    return SparseBags.from_ids(seqs, vocab_size, exclude_ids).dense()
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,6 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
     if score_train:  # the in-sample rows on the first ``cap`` training sentences (already shuffled)
         scored.insert(0, train if cap == len(train.seqs) else
                       replace(train, seqs=train.seqs[:cap], sentences=train.sentences[:cap], bags=train.bags.select(slice(0, cap))))
-    sets_by_name = {s.name: s for s in sets}
     shuffled, Y_ctrl = {}, None
     if suite.control_task:  # the control's pairing: fixed per set, the same at every layer
         gen = torch.Generator().manual_seed(suite.seed + 7919)
@@ -202,8 +201,8 @@ def probe_layers(feats: dict[str, np.ndarray], sets: list[ScoredSet], layers: li
                     BagSet.of(ss.bags, dec.active, fit_bags.entropy_bits if ss.role == "train" else ss.entropy_bits) for ss in scored}
             prior = {ss.name: prior_per_sentence(fit_bags.ya, bags[ss.name], vocab_size).numpy() for ss in scored}
             if ctrl_dec is not None:
-                ctrl_bags = {ss.name: BagSet.of(sets_by_name[ss.name].bags.select(shuffled[ss.name][:len(ss.seqs)]), ctrl_dec.active)
-                             for ss in scored}
+                ctrl_bags = {ss.name: BagSet.of(Y_ctrl[:len(ss.seqs)] if ss.role == "train" else ss.bags.select(shuffled[ss.name]),
+                                                ctrl_dec.active) for ss in scored}
         for j, layer in enumerate(ls):
             probe = InformationProbe(dec, j, feats[train.name][:, layer], fit_bags, linear)
             for ss in scored:
