@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .errors import log
 from .modeling import backbone
 from .pooling import pool
 
@@ -42,8 +43,27 @@ ECHO = "echo"  # training-free baseline: the input twice, mean-pooled over the s
 
 def echo_sequences(seqs: list[list[int]], n_prefix: int) -> tuple[list[list[int]], list[int]]:
     """Echo inputs: each sequence followed by a copy of itself without its first ``n_prefix`` (special) tokens, and
-    where the copy starts. A causal model's states over the copy have seen the whole sentence once."""
-    return [s + s[n_prefix:] for s in seqs], [len(s) for s in seqs]
+    where the copy starts. A causal model's states over the copy have seen the whole sentence once. A text with no
+    tokens of its own (only the prefix) has no copy: it is pooled from position 0, i.e. its plain mean."""
+    return [s + s[n_prefix:] for s in seqs], [len(s) if len(s) > n_prefix else 0 for s in seqs]
+
+
+def position_limit(model, tokenizer) -> int | None:
+    """How many positions the model takes: the tokenizer's model_max_length when it states one (BERT-style 512),
+    else the config's max_position_embeddings; None when neither says."""
+    n = getattr(tokenizer, "model_max_length", None)
+    if isinstance(n, int) and 0 < n < 1_000_000:
+        return n
+    cfg = getattr(backbone(model), "config", None)
+    n = getattr(cfg, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def echo_max_length(max_length: int, n_prefix: int, limit: int | None) -> int:
+    """The cut of the first copy so that the doubled sequence (2n - n_prefix tokens) fits in ``limit`` positions."""
+    if limit is None or 2 * max_length - n_prefix <= limit:
+        return max_length
+    return (limit + n_prefix) // 2
 
 
 def special_prefix_length(tokenizer) -> int:
@@ -98,9 +118,14 @@ def embed_texts(model, tokenizer, texts: Sequence[str], layer: int = -1, pooling
                 batch_size: int = 32, progress: str | None = None) -> np.ndarray:
     """texts -> (N, D) float32 embeddings of one hidden-state layer. ``pooling="echo"``: each text (cut at max_length)
     is fed twice and its second copy mean-pooled (echo embeddings, Springer et al. 2024, without their prompt)."""
-    seqs = tokenize(tokenizer, texts, max_length)
     if pooling == ECHO:
-        seqs, starts = echo_sequences(seqs, special_prefix_length(tokenizer))
+        n_prefix = special_prefix_length(tokenizer)
+        cut = echo_max_length(max_length, n_prefix, position_limit(model, tokenizer))
+        if cut < max_length:
+            log(f"echo: texts cut at {cut} tokens instead of max_length={max_length}, so that the text twice "
+                f"({2 * cut - n_prefix} tokens) fits the model's {position_limit(model, tokenizer)} positions")
+        seqs, starts = echo_sequences(tokenize(tokenizer, texts, cut), n_prefix)
         return embed_token_ids_multi(model, seqs, tokenizer.pad_token_id, [layer], ["mean"], batch_size, progress=progress,
                                      pool_from=starts)["mean"][:, 0]
+    seqs = tokenize(tokenizer, texts, max_length)
     return embed_token_ids(model, seqs, tokenizer.pad_token_id, [layer], pooling, batch_size, progress=progress)[:, 0]

@@ -63,6 +63,35 @@ def test_special_prefix_of_real_tokenizers():
     assert echo_sequences([ids], 1) == ([ids + ids[1:]], [4])
 
 
+def test_echo_of_a_text_without_tokens_is_its_plain_mean(tiny):
+    """An empty text is only its prefix (<s>): there is no second copy, so echo pools the sequence itself, as mean
+    pooling does, instead of returning a zero vector."""
+    from mi_tune.embedding import echo_sequences, embed_texts
+
+    assert echo_sequences([[1], [1, 5, 6]], 1) == ([[1], [1, 5, 6, 5, 6]], [0, 3])
+    echo = embed_texts(tiny.model, tiny.tokenizer, ["", "the cat sat"], 2, "echo", 12)
+    mean = embed_texts(tiny.model, tiny.tokenizer, [""], 2, "mean", 12)
+    assert np.abs(echo[0]).max() > 1e-3
+    np.testing.assert_allclose(echo[0], mean[0], atol=1e-5, rtol=1e-4)
+
+
+def test_echo_fits_the_doubled_text_in_the_model_positions(tiny, monkeypatch, capsys):
+    """An encoder with 512 positions and max_length 400: the text is cut at 256 tokens so that it fits twice; the
+    cut is logged. Within the limit nothing changes."""
+    from mi_tune.embedding import echo_max_length, embed_texts, position_limit
+
+    assert echo_max_length(400, 1, 512) == 256 and 2 * 256 - 1 <= 512
+    assert echo_max_length(256, 1, 512) == 256 and echo_max_length(64, 0, None) == 64
+    tok = tiny.tokenizer
+    monkeypatch.setattr(tok, "model_max_length", 9)
+    assert position_limit(tiny.model, tok) == 9
+    text = "a much longer sentence about the stock market and the rain in spain today"
+    got = embed_texts(tiny.model, tok, [text], 2, "echo", 12)
+    want = embed_texts(tiny.model, tok, [text], 2, "echo", 5)  # (9 + 1) // 2: <s> + 4 tokens, then the 4 again
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert "echo: texts cut at 5 tokens instead of max_length=12" in capsys.readouterr().err
+
+
 def test_baseline_columns_end_to_end(tiny_suite, tiny_adapter, tmp_path, monkeypatch, capsys):  # noqa: F811
     """--baseline mean --baseline echo: two base-model columns between base and the adapter, the base's load reused,
     intervals vs base and adapter − baseline, the table, and the baselines' scores in a run of their own."""
