@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import TINY, TINY_CORPUS
+
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CHECK = ROOT / "bench" / "gpu_check.sh"
 
@@ -66,3 +68,33 @@ def test_gpu_check_without_prep_or_step_says_what_to_run(tmp_path):
     assert proc.returncode == 2 and "bash bench/gpu_check.sh prep" in proc.stderr and "wheels" in proc.stderr
     proc = _gpu_check()
     assert proc.returncode == 2 and "usage: bash bench/gpu_check.sh prep|run" in proc.stderr
+
+
+def test_probe_cold_projection_at_toy_size(tmp_path, capsys):
+    """bench/probe_cold.py on a tiny suite: two poolings of one model share one timed pass; the batches follow the
+    probe's length order; the projection is measured s/padded token x the suite's padded tokens; the sentence count
+    that fits scales with the budget."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import probe_cold
+
+    assert probe_cold.batch_plan([3, 9, 5, 9, 1], 2) == [[1, 3], [2, 0], [4]]
+    assert probe_cold.spread(10, 3) == [0, 4, 9] and probe_cold.spread(4, 1) == [0]
+    assert probe_cold.spread(2, 5) == [0, 1] and probe_cold.padded_tokens([1, 4], [3, 9, 5, 9, 1]) == 18
+    assert probe_cold.project(2.0, 100, 1000) == 20.0
+    suite = {"task": "probe", "name": "cold", "output_dir": str(tmp_path / "out"), "max_length": 16, "batch_size": 4,
+             "train_sentences": 20, "eval_sentences": 8, "seed": 0, "tracking": {"enabled": False},
+             "models": [{"source": str(TINY), "pooling": "last", "name": "last"}, {"source": str(TINY), "pooling": "mean", "name": "mean"}],
+             "train": {"source": str(TINY_CORPUS), "name": "tiny"}, "eval": [{"source": str(TINY_CORPUS), "name": "again"}]}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    out = probe_cold.main([str(path), "--batches", "2", "--budget-min", "30"])
+    (row,) = out["rows"]  # one pass for both poolings
+    assert row["entries"] == 2 and row["timed_batches"] == 2 and row["padded_tokens"] > 0 and row["tokens_per_s"] > 0
+    assert out["projected_s"] == pytest.approx(row["load_s"] + row["features_s"])
+    assert out["train_sentences_that_fit"] > 20  # a tiny model fits 30 minutes easily
+    small = probe_cold.main([str(path), "--batches", "2", "--budget-min", "0"])
+    assert small["train_sentences_that_fit"] == 0
+    text = capsys.readouterr().out
+    assert "projected cold forward passes + loads" in text and "| last (2) |" in text
