@@ -120,10 +120,11 @@ def embed_texts(model, tokenizer, texts: Sequence[str], layer: int = -1, pooling
     is fed twice and its second copy mean-pooled (echo embeddings, Springer et al. 2024, without their prompt)."""
     if pooling == ECHO:
         n_prefix = special_prefix_length(tokenizer)
-        cut = echo_max_length(max_length, n_prefix, position_limit(model, tokenizer))
+        limit = position_limit(model, tokenizer)
+        cut = echo_max_length(max_length, n_prefix, limit)
         if cut < max_length:
             log(f"echo: texts cut at {cut} tokens instead of max_length={max_length}, so that the text twice "
-                f"({2 * cut - n_prefix} tokens) fits the model's {position_limit(model, tokenizer)} positions")
+                f"({2 * cut - n_prefix} tokens) fits the model's {limit} positions")
         seqs, starts = echo_sequences(tokenize(tokenizer, texts, cut), n_prefix)
         return embed_token_ids_multi(model, seqs, tokenizer.pad_token_id, [layer], ["mean"], batch_size, progress=progress,
                                      pool_from=starts)["mean"][:, 0]
