@@ -25,8 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def batch_plan(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """The probe's batches: indices sorted longest first (stable), cut into batch_size chunks."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    """The probe's batches: indices in the probe's length order, cut into batch_size chunks."""
+    from mi_tune.embedding import length_order
+
+    order = length_order(lengths).tolist()
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 

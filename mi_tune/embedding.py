@@ -76,6 +76,11 @@ def special_prefix_length(tokenizer) -> int:
     return n
 
 
+def length_order(lengths: Sequence[int]) -> np.ndarray:
+    """The order sequences are embedded in: longest first (the memory peak shows up at once), ties as given."""
+    return np.argsort([-n for n in lengths], kind="stable")
+
+
 @torch.inference_mode()  # cheaper than no_grad: no version counters or views tracked; outputs leave as numpy
 def embed_token_ids_multi(model, seqs: list[list[int]], pad_id: int, layers: Sequence[int], poolings: Sequence[str],
                           batch_size: int = 32, device=None, progress: str | None = None,
@@ -85,7 +90,7 @@ def embed_token_ids_multi(model, seqs: list[list[int]], pad_id: int, layers: Seq
     from tqdm.auto import tqdm
 
     device = device or next(model.parameters()).device
-    order = np.argsort([-len(s) for s in seqs], kind="stable")  # longest first: memory peak shows up at once
+    order = length_order([len(s) for s in seqs])
     out: dict[str, np.ndarray] = {}
     was_training = model.training
     model.eval()
